@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q uv==0.13.9
+	$(VENV)/bin/uv pip install --python $(PY) -r requirements/lock.txt
+	$(VENV)/bin/uv pip install --python $(PY) --no-deps -r requirements/nodeps.txt
+	$(VENV)/bin/uv pip install --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/mu2net demo
+
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: venv lint
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: venv
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

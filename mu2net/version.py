@@ -1,0 +1,3 @@
+"""Version of the mu2net distribution."""
+
+__version__ = "0.1.0"
