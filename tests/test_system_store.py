@@ -95,7 +95,7 @@ def assert_equal_systems(s1, s2):
         assert p.to_json() == q.to_json()
         assert s1.accounted_params(p) == pytest.approx(s2.accounted_params(q)) or p.is_root
         assert s1.score(p) == s2.score(q)
-        for n, cid in p.components.items():
+        for cid in p.components.values():
             c1, c2 = s1.components[cid], s2.components[cid]
             assert c1.locks == c2.locks
             for k in c1.params:
