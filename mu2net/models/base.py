@@ -56,12 +56,18 @@ def num_params(params: Params) -> int:
 
 
 def shape_signature(params: Params) -> str:
-    """A stable string of the pytree's paths, shapes and dtypes (equal iff interchangeable)."""
+    """A stable string of the pytree's paths, shapes and dtypes (equal iff interchangeable).
+
+    Works on arrays and on ``jax.ShapeDtypeStruct`` trees (from ``jax.eval_shape``).
+    """
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    parts = [
-        f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{np.asarray(x).dtype}" for p, x in leaves
-    ]
+    parts = [f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{_dtype(x)}" for p, x in leaves]
     return ";".join(parts)
+
+
+def _dtype(x: Any) -> np.dtype:
+    # ShapeDtypeStructs (from jax.eval_shape) and arrays both carry .dtype; avoid materialising.
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 class Family(abc.ABC):

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import fsspec
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
@@ -41,6 +42,8 @@ VERSION = 1
 MARKER = "mu2net-store.json"
 _MANIFEST_RE = re.compile(r"^manifest-(\d{8})\.json$")
 _MOMENTUM = "momentum::"
+_BF16 = "::bf16"
+_LEAF = "::leaf"
 
 
 class StoreError(RuntimeError):
@@ -77,18 +80,37 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def encode_component(params: Any, momentum: Any = None) -> bytes:
     """Safetensors bytes of a component's params (and momentum trace, if any)."""
-    flat = flatten(params)
+    flat = _flatten_any(params)
     if momentum is not None:
-        flat.update({_MOMENTUM + k: v for k, v in flatten(momentum).items()})
+        flat.update({_MOMENTUM + k: v for k, v in _flatten_any(momentum).items()})
+    # safetensors' numpy reader has no bfloat16: store the bits as uint16 under a tagged key.
+    flat = dict(
+        (k + _BF16, v.view(np.uint16)) if v.dtype == ml_dtypes.bfloat16 else (k, v)
+        for k, v in flat.items()
+    )
     return st_save(flat)
 
 
 def decode_component(data: bytes) -> tuple[Any, Any]:
-    """Inverse of :func:`encode_component`."""
-    flat = st_load(data)
+    """Inverse of :func:`encode_component` (bit-exact, bfloat16 included)."""
+    flat = dict(
+        (k[: -len(_BF16)], v.view(ml_dtypes.bfloat16)) if k.endswith(_BF16) else (k, v)
+        for k, v in st_load(data).items()
+    )
     params = {k: v for k, v in flat.items() if not k.startswith(_MOMENTUM)}
     mom = {k[len(_MOMENTUM) :]: v for k, v in flat.items() if k.startswith(_MOMENTUM)}
-    return unflatten(params), (unflatten(mom) if mom else None)
+    return _unflatten_any(params), (_unflatten_any(mom) if mom else None)
+
+
+def _flatten_any(tree: Any) -> dict[str, np.ndarray]:
+    # A component may be a single array (e.g. ViT's ``cls`` token) rather than a dict.
+    if isinstance(tree, Mapping):
+        return flatten(tree)
+    return {_LEAF: np.ascontiguousarray(np.asarray(tree))}
+
+
+def _unflatten_any(flat: Mapping[str, np.ndarray]) -> Any:
+    return flat[_LEAF] if set(flat) == {_LEAF} else unflatten(flat)
 
 
 def _sha256(data: bytes) -> str:

@@ -1,0 +1,143 @@
+"""Configuration of an evolution run: one gin-configurable dataclass.
+
+Every field is a gin binding (``EvolutionConfig.num_cycles = 2``); experiments in
+``gin/experiments/*.gin`` set them, and every path records the hparams it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mu2net.evolution.hparams import BASE_DEFAULTS, SPACES
+from mu2net.train._gin import gin
+
+
+class ConfigError(ValueError):
+    """A contradictory or impossible evolution configuration; names the key."""
+
+
+@gin.configurable
+@dataclasses.dataclass
+class EvolutionConfig:
+    """What to evolve and with which budget.
+
+    Attributes:
+      family: registered model family of the root (``vit``, ``efficientnet_lite0``, ``bert``).
+      root_hparams: architecture hparams of the root (e.g. ``{"vit_size": "Ti/16"}``).
+      pretrained: load the family's pretrained root (else a random init, reference "Ti0").
+      checkpoint: checkpoint path for the pretrained root (family default when empty).
+      defaults: default hparams of new paths (reference §3.2), merged over the base defaults.
+      space: search-space name (``none``, ``v1``, ``v2``, ``mu3``) or explicit dict.
+      extra_space: extra keys/value lists added to the space (e.g. ``num_layers``).
+      per_type_mu: µ3Net per-mutation-type self-tuned probabilities.
+      mutate_adapters: adapter insertion mutations (reference §2.3).
+      expansions: names of function-preserving transformer expansions allowed as mutations.
+      force_clone: component names always cloned (the family's own list is added).
+      scale: scorer base s (1.0 = score is validation accuracy).
+      params_base: P_base of the scorer (defaults to the root's param count).
+      flops_base: F_base of the optional FLOPs factor (0 = off).
+      batch_size: training batch size.
+      train_examples_between_validations: cap on examples between validations (S x batch).
+      num_validations: validations per candidate (V).
+      validation_examples: cap on validation examples.
+      candidates_per_generation: children trained on the same data stream per generation.
+      samples_per_task_iteration: children sampled per task iteration.
+      num_cycles: passes over the live mixture (0 with ``continuous`` = forever).
+      continuous: keep looping and pick up tasks added while running.
+      poll_seconds: continuous mode: wait between checks when there is nothing to do.
+      strict_improvement: ``>`` (muNet/µ4Net) instead of ``>=`` (µ2Net) against the parent.
+      max_population: cap on a task's population during an iteration (0 = none).
+      linear_probe_seeding: muNet's policy: every seed is first tried unmutated.
+      test_eval: evaluate new best paths on the test split.
+      seed: master seed (same seed and config => same system on CPU).
+    """
+
+    family: str = "vit"
+    root_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str = ""
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    space: Any = "v1"
+    extra_space: dict[str, list] = dataclasses.field(default_factory=dict)
+    per_type_mu: bool = False
+    mutate_adapters: bool = False
+    expansions: tuple[str, ...] = ()
+    force_clone: tuple[str, ...] = ()
+    scale: float = 1.0
+    params_base: float = 0.0
+    flops_base: float = 0.0
+    batch_size: int = 32
+    train_examples_between_validations: int = 512
+    num_validations: int = 2
+    validation_examples: int = 256
+    candidates_per_generation: int = 2
+    samples_per_task_iteration: int = 4
+    num_cycles: int = 1
+    continuous: bool = False
+    poll_seconds: float = 5.0
+    strict_improvement: bool = False
+    max_population: int = 0
+    linear_probe_seeding: bool = False
+    test_eval: bool = True
+    seed: int = 0
+
+    def search_space(self) -> dict[str, list]:
+        """The resolved search space (named space + extra keys)."""
+        if isinstance(self.space, str):
+            if self.space not in SPACES:
+                raise ConfigError(
+                    f"EvolutionConfig.space: unknown space {self.space!r}; known {sorted(SPACES)}"
+                )
+            space = dict(SPACES[self.space])
+        else:
+            space = dict(self.space)
+        space.update({k: list(v) for k, v in self.extra_space.items()})
+        return space
+
+    def path_defaults(self, family_defaults: dict[str, Any]) -> dict[str, Any]:
+        """Hparams of a brand-new path: base defaults < family defaults < config defaults."""
+        return {**BASE_DEFAULTS, **family_defaults, **self.root_hparams, **self.defaults}
+
+    def generations_per_task_iteration(self) -> int:
+        """Generations per task iteration: ceil(samples / candidates per generation)."""
+        return -(-self.samples_per_task_iteration // self.candidates_per_generation)
+
+    def validate(self, family) -> None:
+        """Raises :class:`ConfigError` naming the offending key."""
+        positive = [
+            "batch_size",
+            "train_examples_between_validations",
+            "num_validations",
+            "validation_examples",
+            "candidates_per_generation",
+            "samples_per_task_iteration",
+        ]
+        for key in positive:
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(
+                    f"EvolutionConfig.{key} = {getattr(self, key)!r}: the budget must be > 0"
+                )
+        if self.num_cycles < 0 or (self.num_cycles == 0 and not self.continuous):
+            raise ConfigError("EvolutionConfig.num_cycles must be >= 1 (or set continuous=True)")
+        if not 0.0 < self.scale <= 1.0:
+            raise ConfigError(f"EvolutionConfig.scale = {self.scale}: must be in (0, 1]")
+        if self.mutate_adapters and not family.supports_adapters:
+            raise ConfigError(
+                f"EvolutionConfig.mutate_adapters: family {family.name!r} has no residual adapters"
+            )
+        if self.expansions:
+            from mu2net.models import expansions as exp
+
+            unknown = set(self.expansions) - set(exp.EXPANSIONS)
+            if unknown:
+                raise ConfigError(
+                    f"EvolutionConfig.expansions: unknown {sorted(unknown)}; "
+                    f"known {sorted(exp.EXPANSIONS)}"
+                )
+            if family.name != "vit":
+                raise ConfigError(
+                    f"EvolutionConfig.expansions: only the ViT family supports the "
+                    f"transformer expansions, not {family.name!r}"
+                )
+        self.search_space()

@@ -1,0 +1,318 @@
+"""The ``mu2net`` command: a thin layer that parses arguments and calls the library.
+
+Verbs: init, add-task, evolve, status, eval, predict, report, train, cache-tasks, demo.
+Usage errors exit with code 2 (argparse); failures of the work itself exit with 1 and one
+line that names the culprit. ``status`` imports neither TensorFlow nor seqio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+DEFAULT_EXPERIMENT = "experiments/default.gin"
+
+
+class CliError(Exception):
+    """A failure to report in one line with exit code 1."""
+
+
+# ------------------------------------------------------------------------------ verbs
+def cmd_init(args: argparse.Namespace) -> None:
+    from mu2net import gin_utils
+    from mu2net.evolution.config import EvolutionConfig
+    from mu2net.evolution.loop import create_root
+    from mu2net.system.store import Store
+
+    gin_utils.parse_gin(args)
+    store = Store.create(args.store, args.name or _default_name(args.store))
+    root = create_root(store, EvolutionConfig())
+    print(
+        f"created system {store.system_name!r} at {args.store} with root {root.task} "
+        f"({len(root.components)} components)"
+    )
+
+
+def cmd_add_task(args: argparse.Namespace) -> None:
+    from mu2net.evolution.live import add_tasks_to_store
+    from mu2net.system.store import Store
+
+    _import_modules(args.module)
+    system = add_tasks_to_store(Store.open(args.store), args.tasks)
+    print(f"live mixture now has {len(system.tasks)} task(s): {', '.join(system.tasks)}")
+
+
+def cmd_evolve(args: argparse.Namespace) -> None:
+    from mu2net import gin_utils
+    from mu2net.evolution import main as evolve_main
+
+    _import_modules(args.module)
+    gin_utils.parse_gin(args)
+    summaries = evolve_main.run(args)
+    print(f"{len(summaries)} task iteration(s) done")
+    cmd_status(args)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from mu2net.system.store import Store
+
+    store = Store.open(args.store)
+    system = store.load()
+    rows = []
+    for p in system.task_paths():
+        comps = system.path_components(p)
+        shared = sum(1 for c in comps.values() if len(c.locks) > 1)
+        rows.append(
+            [
+                p.task,
+                p.id,
+                _fmt(p.metrics.get("quality")),
+                _fmt(p.metrics.get("test_quality")),
+                f"{system.accounted_params(p):,.0f}",
+                f"{system.path_params(p):,}",
+                f"{shared}/{len(comps)}",
+                str(p.metrics.get("task_iterations", 0)),
+            ]
+        )
+    waiting = [t for t in system.tasks if system.best_path(t) is None]
+    print(
+        f"system {store.system_name!r} at {args.store}: {len(system.tasks)} task(s), "
+        f"{len(system.roots())} root(s), {len(system.components)} components, "
+        f"{system.total_params():,} params in use"
+    )
+    print(
+        table(
+            ["task", "path", "val", "test", "accounted params", "path params", "shared", "iters"],
+            rows,
+        )
+    )
+    if waiting:
+        print(f"waiting for a first task iteration: {', '.join(waiting)}")
+    last = max((store.latest_manifest(a) or {}).get("created", 0) for a in store.shards())
+    if last:
+        print(f"last commit: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mu2net.evolution.evaluation import evaluate_tasks
+    from mu2net.system.store import Store
+
+    _import_modules(args.module)
+    store = Store.open(args.store)
+    system = store.load()
+    tasks = args.tasks or [p.task for p in system.task_paths()]
+    results = evaluate_tasks(system, tasks, split=args.split)
+    rows = [
+        [t, f"{r['accuracy']:.4f}", str(r["examples"]), _fmt(r["recorded"])]
+        for t, r in results.items()
+    ]
+    print(table(["task", f"{args.split} accuracy", "examples", "recorded"], rows))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from mu2net.system.inference import predict
+    from mu2net.system.preprocess import load_inputs
+    from mu2net.system.store import Store
+
+    store = Store.open(args.store)
+    system = store.load()
+    path = system.best_path(args.task)
+    if path is None:
+        raise CliError(f"task {args.task!r} has no published path in {args.store}")
+    if args.npy:
+        inputs, names = np.load(args.npy, allow_pickle=False), None
+    elif args.files:
+        inputs, names = load_inputs(path, args.files), args.files
+    else:
+        raise CliError("give input files or --npy BATCH.npy")
+    labels, probs = predict(system, args.task, inputs)
+    class_names = path.metrics.get("class_names") or []
+    rows = []
+    for i, (lab, pr) in enumerate(zip(labels, probs)):
+        name = class_names[lab] if lab < len(class_names) else str(lab)
+        rows.append([names[i] if names else str(i), str(int(lab)), name, f"{pr[lab]:.4f}"])
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"input": r[0], "label": int(r[1]), "class": r[2], "probability": float(r[3])}
+                    for r in rows
+                ]
+            )
+        )
+    else:
+        print(table(["input", "label", "class", "probability"], rows))
+    print(
+        f"read {store.files_read} component file(s), {store.bytes_read:,} bytes "
+        f"(path of {len(path.components)} components; system has {len(system.components)})",
+        file=sys.stderr,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mu2net.evolution.report import write_report
+    from mu2net.system.store import Store
+
+    out = write_report(Store.open(args.store), args.out)
+    print(f"report written to {out}")
+
+
+def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from mu2net.train import main as train_main
+
+    return int(train_main.main(list(rest)) or 0)
+
+
+def cmd_cache_tasks(args: argparse.Namespace) -> None:
+    from mu2net.tasks import cache
+
+    _import_modules(args.module)
+    cache.cache_tasks([t for t in args.tasks.split(",") if t], args.output_cache_dir)
+    print(f"cached {args.tasks} into {args.output_cache_dir}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mu2net.evolution.demo import run_demo
+
+    run_demo(args.store, fresh=args.fresh, progress=not args.no_progress)
+
+
+# ------------------------------------------------------------------------------ helpers
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = (
+        [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        if rows
+        else [len(h) for h in header]
+    )
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*header), line.format(*["-" * w for w in widths])]
+    out += [line.format(*map(str, r)) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{float(x):.4f}"
+
+
+def _default_name(url: str) -> str:
+    return os.path.basename(url.rstrip("/")).replace(" ", "_") or "system"
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    import importlib
+
+    import mu2net.tasks  # noqa: F401  (registers the bundled tasks)
+
+    for m in modules or []:
+        importlib.import_module(m)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    from mu2net.gin_utils import add_gin_flags
+
+    parser = argparse.ArgumentParser(prog="mu2net", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name, help_, store=True, module=False):
+        p = sub.add_parser(name, help=help_, description=help_)
+        if store:
+            p.add_argument("--store", required=True, help="system store (directory or URL)")
+        if module:
+            p.add_argument(
+                "--module",
+                action="append",
+                default=[],
+                help="Python module to import first (registers your seqio tasks)",
+            )
+        return p
+
+    p = verb("init", "create a new system from a root family/checkpoint")
+    p.add_argument("--name", default=None, help="system name (default: the store's folder)")
+    add_gin_flags(p)
+    p.set_defaults(gin_file=[DEFAULT_EXPERIMENT])
+    p = verb("add-task", "add seqio task(s) to the live mixture", module=True)
+    p.add_argument("tasks", nargs="+", help="registered seqio task names")
+    p = verb("evolve", "run evolution (cycles over the live mixture, or continuous)", module=True)
+    from mu2net.evolution.main import build_parser as evolve_parser
+
+    for action in evolve_parser()._actions:
+        if action.dest in ("help", "store"):
+            continue
+        p._add_action(action)
+    verb("status", "tasks, best paths, quality, params/task, sharing, last commit")
+    p = verb("eval", "evaluate published paths on a split", module=True)
+    p.add_argument("--tasks", nargs="*", default=None, help="tasks (default: all)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p = verb("predict", "labels and probabilities for image/text files or a .npy batch")
+    p.add_argument("--task", required=True)
+    p.add_argument(
+        "files", nargs="*", help="image files (png/jpg) or text files (one example per line)"
+    )
+    p.add_argument("--npy", default=None, help="a preprocessed batch saved with numpy.save")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = verb("report", "write an HTML report with plots")
+    p.add_argument("--out", required=True, help="output directory")
+    verb("train", "train one path (t5x-style gin binary; flags as mu2net.train.main)", store=False)
+    p = verb(
+        "cache-tasks",
+        "cache preprocessed tasks with Beam (DirectRunner here)",
+        store=False,
+        module=True,
+    )
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--output_cache_dir", required=True)
+    p = verb(
+        "demo",
+        "the embedded default: evolve the bundled image tasks and print results",
+        store=False,
+    )
+    p.add_argument("--store", default="runs/demo", help="where to keep the demo system")
+    p.add_argument("--fresh", action="store_true", help="start from an empty store")
+    p.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+VERBS = {
+    "init": cmd_init,
+    "add-task": cmd_add_task,
+    "evolve": cmd_evolve,
+    "status": cmd_status,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "report": cmd_report,
+    "cache-tasks": cmd_cache_tasks,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mu2net`` console script."""
+    from mu2net.gin_utils import GinConfigError, rewrite_gin_args
+    from mu2net.system.state import StateError
+    from mu2net.system.store import StoreError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "train":
+        if len(argv) > 1 and argv[1] in ("-h", "--help"):
+            parser.parse_args(["train", "--help"])
+        return cmd_train(argparse.Namespace(), argv[1:])
+    args = parser.parse_args(rewrite_gin_args(argv))
+    try:
+        VERBS[args.verb](args)
+    except (CliError, GinConfigError, StoreError, StateError, ValueError, KeyError) as e:
+        print(f"mu2net {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
