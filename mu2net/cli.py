@@ -23,6 +23,7 @@ class CliError(Exception):
 
 # ------------------------------------------------------------------------------ verbs
 def cmd_init(args: argparse.Namespace) -> None:
+    """Creates a store with the configured root."""
     from mu2net import gin_utils
     from mu2net.evolution.config import EvolutionConfig
     from mu2net.evolution.loop import create_root
@@ -38,6 +39,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_add_task(args: argparse.Namespace) -> None:
+    """Adds tasks to the live mixture."""
     from mu2net.evolution.live import add_tasks_to_store
     from mu2net.system.store import Store
 
@@ -47,6 +49,7 @@ def cmd_add_task(args: argparse.Namespace) -> None:
 
 
 def cmd_evolve(args: argparse.Namespace) -> None:
+    """Runs evolution, then prints the status."""
     from mu2net import gin_utils
     from mu2net.evolution import main as evolve_main
 
@@ -58,6 +61,7 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    """Prints the system's tasks, paths and sharing (no TensorFlow)."""
     from mu2net.system.store import Store
 
     store = Store.open(args.store)
@@ -98,6 +102,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluates published paths on a split."""
     from mu2net.evolution.evaluation import evaluate_tasks
     from mu2net.system.store import Store
 
@@ -114,6 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    """Predicts with one task's path on files or a .npy batch."""
     import numpy as np
 
     from mu2net.system.inference import predict
@@ -156,6 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    """Writes the HTML report."""
     from mu2net.evolution.report import write_report
     from mu2net.system.store import Store
 
@@ -164,12 +171,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """Delegates to the train binary."""
     from mu2net.train import main as train_main
 
     return int(train_main.main(list(rest)) or 0)
 
 
 def cmd_cache_tasks(args: argparse.Namespace) -> None:
+    """Caches tasks with Beam."""
     from mu2net.tasks import cache
 
     _import_modules(args.module)
@@ -178,6 +187,7 @@ def cmd_cache_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """Runs the embedded default."""
     from mu2net.evolution.demo import run_demo
 
     run_demo(args.store, fresh=args.fresh, progress=not args.no_progress)

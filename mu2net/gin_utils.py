@@ -71,7 +71,7 @@ def parse_gin(args: argparse.Namespace, finalize: bool = True) -> None:
         files.append(found)
     try:
         gin.parse_config_files_and_bindings(files, args.gin_bindings, finalize_config=False)
-    except (ValueError, KeyError, NameError, ImportError, IOError, SyntaxError) as e:
+    except (OSError, ValueError, KeyError, NameError, ImportError, SyntaxError) as e:
         raise GinConfigError(f"bad gin configuration: {e}") from e
     if finalize:
         gin.finalize()
