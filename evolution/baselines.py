@@ -25,6 +25,7 @@ import numpy as np
 from mu2net.evolution import data as evo_data
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.mutations import make_child
+from mu2net.evolution.prefix import PrefixCache, deterministic_inputs, suffix_plan
 from mu2net.models.base import format_adapter_layers, get_family
 from mu2net.system.state import System
 
@@ -145,17 +146,18 @@ def run_baseline(
         config.batch_size,
     )
     t0 = time.time()
+    cache = None
+    if config.prefix_cache and stream.materialized and deterministic_inputs(ds):
+        cache = PrefixCache(family, list(stream), val)
+    train_family, frozen, batches, val_batches = suffix_plan(
+        cache, family, child.path.hparams, child.path.components, child.trainable,
+        child.frozen, stream, val,
+    )  # fmt: skip
     result = train_candidate(
-        family=family,
-        hparams=child.path.hparams,
-        trainable=child.trainable,
-        frozen=child.frozen,
-        momentum=None,
-        train_batches=iter(stream),
-        validation_batches=val,
-        config=train_cfg,
-        progress=False,
-    )
+        family=train_family, hparams=child.path.hparams, trainable=child.trainable,
+        frozen=frozen, momentum=None, train_batches=iter(batches),
+        validation_batches=val_batches, config=train_cfg, progress=False,
+    )  # fmt: skip
     if result.failed or not result.best_trainable:
         raise RuntimeError(f"baseline {kind} on {task} failed: {result.failure_reason}")
     params = {**child.frozen, **result.best_trainable}

@@ -50,6 +50,8 @@ class EvolutionConfig:
       max_population: cap on a task's population during an iteration (0 = none).
       linear_probe_seeding: muNet's policy: every seed is first tried unmutated.
       test_eval: evaluate new best paths on the test split.
+      prefix_cache: reuse the activations of frozen bottom stages within a generation when
+        the input pipeline is deterministic (see ``mu2net.evolution.prefix``).
       seed: master seed (same seed and config => same system on CPU).
     """
 
@@ -80,6 +82,7 @@ class EvolutionConfig:
     max_population: int = 0
     linear_probe_seeding: bool = False
     test_eval: bool = True
+    prefix_cache: bool = True
     seed: int = 0
 
     def search_space(self) -> dict[str, list]:

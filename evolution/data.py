@@ -95,6 +95,11 @@ class TrainStream:
         if example.nbytes * num_steps <= _MAX_STREAM_BYTES:
             self._cache = list(itertools.islice(self._fresh(), num_steps))
 
+    @property
+    def materialized(self) -> bool:
+        """Whether the batches are held in memory (required by frozen-prefix caching)."""
+        return self._cache is not None
+
     def _fresh(self) -> Iterator[dict]:
         from mu2net.tasks import data as task_data
 

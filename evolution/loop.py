@@ -9,6 +9,7 @@ tasks added with ``mu2net add-task`` and other agents' commits are picked up as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,11 +24,23 @@ from mu2net.evolution import data as evo_data
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.hparams import sample_dataset_hparams
 from mu2net.evolution.mutations import make_child
+from mu2net.evolution.prefix import PrefixCache, deterministic_inputs, suffix_plan
 from mu2net.evolution.selection import DecaySelector, seed_paths
 from mu2net.models.base import Family, get_family
 from mu2net.system.names import agent_for_task, validate_agent_name
 from mu2net.system.state import Path, System
 from mu2net.system.store import Store
+
+
+@dataclasses.dataclass
+class _Generation:
+    """What every candidate of one generation shares (reference §4.4-4.5)."""
+
+    ds: dict[str, Any]
+    stream: evo_data.TrainStream
+    val: list[dict]
+    steps_between: int
+    prefix: PrefixCache | None
 
 
 def root_agent(family: str) -> str:
@@ -230,24 +243,17 @@ class Evolver:
                 evo_data.eval_arrays(task, "validation", family, ds, cfg.validation_examples),
                 cfg.batch_size,
             )
+            prefix = None
+            if cfg.prefix_cache and stream.materialized and deterministic_inputs(ds):
+                prefix = PrefixCache(family, list(stream), val)
+            generation = _Generation(ds, stream, val, steps_between, prefix)
             n_here = min(cfg.candidates_per_generation, cfg.samples_per_task_iteration - sampled)
             for _ in range(n_here):
                 sampled += 1
                 record = self._train_child(
-                    task,
-                    info,
-                    agent,
-                    selector,
-                    ds,
-                    space,
-                    rng,
-                    lookup,
-                    stream,
-                    val,
-                    steps_between,
-                    candidates,
+                    task, info, agent, selector, space, rng, lookup, generation, candidates,
                     population,
-                )
+                )  # fmt: skip
                 record.update(generation=gen, ds_mutations=ds_changes, iteration=iteration)
                 history.append(record)
                 bar.update(1)
@@ -272,21 +278,9 @@ class Evolver:
         return (self._score(p), p.metrics.get("created", 0.0))
 
     def _train_child(
-        self,
-        task,
-        info,
-        agent,
-        selector,
-        ds,
-        space,
-        rng,
-        lookup,
-        stream,
-        val,
-        steps_between,
-        candidates,
-        population,
+        self, task, info, agent, selector, space, rng, lookup, generation, candidates, population
     ) -> dict[str, Any]:
+        ds, steps_between = generation.ds, generation.steps_between
         from mu2net.train.trainer import TrainConfig, train_candidate
 
         cfg, family, system = self.config, self.family, self.system
@@ -320,14 +314,18 @@ class Evolver:
             num_validations=cfg.num_validations,
             seed=int(rng.integers(2**31)),
         )
+        train_family, frozen, batches, val_batches = suffix_plan(
+            generation.prefix, family, path.hparams, path.components, child.trainable,
+            child.frozen, generation.stream, generation.val,
+        )  # fmt: skip
         result = train_candidate(
-            family=family,
+            family=train_family,
             hparams=path.hparams,
             trainable=child.trainable,
-            frozen=child.frozen,
+            frozen=frozen,
             momentum=child.momentum or None,
-            train_batches=iter(stream),
-            validation_batches=val,
+            train_batches=iter(batches),
+            validation_batches=val_batches,
             config=train_cfg,
             score_fn=lambda q, path=path: self._score(path, q),
             baseline_score=baseline,

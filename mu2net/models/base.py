@@ -147,6 +147,26 @@ class Family(abc.ABC):
         del hparams
         return name == "head" or name.startswith("residual_adapter_")
 
+    def stages(self, hparams: Mapping[str, Any]) -> list[tuple[str, ...]] | None:
+        """Components grouped into stages applied in sequence, or None if not staged.
+
+        The output of stage i is the input of stage i + 1 (the last stage returns logits).
+        Evolution uses it to cache the activations of a frozen prefix once per generation.
+        """
+        del hparams
+        return None
+
+    def apply_stages(
+        self,
+        params: ParamsByComponent,
+        inputs: jax.Array,
+        hparams: Mapping[str, Any],
+        start: int,
+        stop: int | None = None,
+    ) -> jax.Array:
+        """Applies stages ``start..stop-1`` (see :meth:`stages`) to ``inputs``."""
+        raise FamilyError(f"family {self.name!r} does not support staged application")
+
     def architecture_key(self, hparams: Mapping[str, Any]) -> tuple:
         """Hashable key of everything that changes shapes or the graph (for compile caches)."""
         return (self.name,) + tuple((k, str(hparams.get(k))) for k in self.shape_keys)
@@ -180,9 +200,7 @@ def _cached_flops(family: Family, arch_key: tuple, frozen_hparams: tuple) -> flo
     params = jax.eval_shape(lambda: family.init(jax.random.PRNGKey(0), hparams))
     inputs = family.dummy_inputs(hparams, batch_size=1)
     params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-    compiled = (
-        jax.jit(lambda p, x: family.apply(p, x, hparams)).lower(params, inputs).compile()
-    )
+    compiled = jax.jit(lambda p, x: family.apply(p, x, hparams)).lower(params, inputs).compile()
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else {}
