@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 # Importing a family module registers it (get_family imports this package first).
-from mu2net.models import vit  # noqa: F401,E402  (registers the family)
-from mu2net.models import efficientnet  # noqa: F401,E402
-from mu2net.models import bert  # noqa: F401,E402
+from mu2net.models import (
+    bert,  # noqa: F401,E402
+    efficientnet,  # noqa: F401,E402
+    vit,  # noqa: F401,E402  (registers the family)
+)

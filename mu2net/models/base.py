@@ -6,9 +6,9 @@ only ever talk to a family through this interface, so adding a family is one new
 subclasses :class:`Family` and calls :func:`register_family`.
 
 Hyperparameters (``hparams``) are a flat ``dict`` of gin-style keys shared with the evolution
-layer (reference §3.1): ``num_classes``, ``num_layers``, ``adapter_layers`` (sorted block indices
-joined by ``_``, e.g. ``"0_3"``; ``""`` for none), ``adapter_dim``, ``ds_image_size``, ``ds_max_length``
-(text), plus family-specific keys declared in :meth:`Family.default_hparams`.
+layer (reference §3.1): ``num_classes``, ``num_layers``, ``adapter_layers`` (sorted block
+indices joined by ``_``, e.g. ``"0_3"``; ``""`` for none), ``adapter_dim``, ``ds_image_size``,
+``ds_max_length`` (text), plus family-specific keys declared in :meth:`Family.default_hparams`.
 """
 
 from __future__ import annotations
