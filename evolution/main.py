@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -63,7 +64,8 @@ def open_or_create(url: str, config: EvolutionConfig, system_name: str | None = 
         if store.fs.exists(store.root) and store.fs.ls(store.root):
             raise
         name = system_name or os.path.basename(store.root.rstrip("/")) or "system"
-        store = Store.create(url, name.replace(" ", "_"))
+        # The name also names the live seqio mixture, which allows only [A-Za-z0-9_.].
+        store = Store.create(url, re.sub(r"[^A-Za-z0-9_.]", "_", name))
     create_root(store, config)
     return store
 

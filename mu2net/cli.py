@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -212,7 +213,7 @@ def _fmt(x) -> str:
 
 
 def _default_name(url: str) -> str:
-    return os.path.basename(url.rstrip("/")).replace(" ", "_") or "system"
+    return re.sub(r"[^A-Za-z0-9_.]", "_", os.path.basename(url.rstrip("/"))) or "system"
 
 
 def _import_modules(modules: Sequence[str]) -> None:
