@@ -30,6 +30,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     from mu2net.evolution.loop import create_root
     from mu2net.system.store import Store
 
+    if not args.gin_file:
+        args.gin_file = [DEFAULT_EXPERIMENT]
     gin_utils.parse_gin(args)
     store = Store.create(args.store, args.name or _default_name(args.store))
     root = create_root(store, EvolutionConfig())
@@ -129,6 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     store = Store.open(args.store)
     system = store.load()
+    files0, bytes0 = store.files_read, store.bytes_read  # count component reads only
     path = system.best_path(args.task)
     if path is None:
         raise CliError(f"task {args.task!r} has no published path in {args.store}")
@@ -156,7 +159,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         print(table(["input", "label", "class", "probability"], rows))
     print(
-        f"read {store.files_read} component file(s), {store.bytes_read:,} bytes "
+        f"read {store.files_read - files0} component file(s), "
+        f"{store.bytes_read - bytes0:,} bytes "
         f"(path of {len(path.components)} components; system has {len(system.components)})",
         file=sys.stderr,
     )
@@ -248,7 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("init", "create a new system from a root family/checkpoint")
     p.add_argument("--name", default=None, help="system name (default: the store's folder)")
     add_gin_flags(p)
-    p.set_defaults(gin_file=[DEFAULT_EXPERIMENT])
     p = verb("add-task", "add seqio task(s) to the live mixture", module=True)
     p.add_argument("tasks", nargs="+", help="registered seqio task names")
     p = verb("evolve", "run evolution (cycles over the live mixture, or continuous)", module=True)

@@ -8,6 +8,7 @@ Gin files are only ever read from paths the user passes (or includes of those fi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 
@@ -69,12 +70,23 @@ def parse_gin(args: argparse.Namespace, finalize: bool = True) -> None:
         if found is None:
             raise GinConfigError(f"--gin_file={f}: not found in {search}")
         files.append(found)
+    quiet = _DropPathNotFound()
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(files, args.gin_bindings, finalize_config=False)
     except (OSError, ValueError, KeyError, NameError, ImportError, SyntaxError) as e:
         raise GinConfigError(f"bad gin configuration: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if finalize:
         gin.finalize()
+
+
+class _DropPathNotFound(logging.Filter):
+    """Gin logs every search path it tries for an include; only the final failure matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Path not found" not in record.getMessage()
 
 
 def _resolve(name: str, search: Sequence[str]) -> str | None:
