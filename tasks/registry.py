@@ -1,0 +1,200 @@
+"""Task metadata next to seqio's registry: class names, modality, split sizes, provenance.
+
+seqio's :class:`seqio.TaskRegistry` knows how to build a dataset; the trainer and evolution
+also need facts seqio does not record (how many classes, what they are called, whether the
+labels are real, derived or synthetic). :func:`register_classification_task` registers both in
+one call, so the two registries cannot drift apart.
+
+Task names are ``mu2net:<name>``; seqio only allows letters, digits and ``_ . : #`` in names,
+so TFDS-style names use dots (``mu2net:tfds.vtab1k.clevr.count_all``) where TFDS uses slashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import seqio
+import tensorflow as tf
+
+PREFIX = "mu2net:"
+MODALITIES = ("image", "text")
+SPLITS = ("train", "validation", "test")
+_NAME_RE = re.compile(r"^[\w\d.:_#]+$")
+
+
+class TaskError(ValueError):
+    """Bad task input: unknown name, empty split, bad labels, shapes, dtypes or pixels."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """What the trainer needs to know about a task besides its examples.
+
+    Attributes:
+        name: The registered seqio task name (``mu2net:...``).
+        num_classes: Number of classes; labels are ints in ``[0, num_classes)``.
+        class_names: One human-readable name per class.
+        modality: ``"image"`` or ``"text"``.
+        split_sizes: Examples per split (``None`` where unknown without the data, e.g. TFDS).
+        metadata: Free-form provenance: ``source``, ``synthetic`` (pixels transformed),
+            ``derived`` (real inputs, new labels), ``suite``, split strings...
+    """
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    modality: str
+    split_sizes: dict[str, int | None]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def synthetic(self) -> bool:
+        """True when the inputs were transformed (not real pixels/text)."""
+        return bool(self.metadata.get("synthetic", False))
+
+    @property
+    def derived(self) -> bool:
+        """True when real inputs carry labels we constructed (parity, pairs, halves...)."""
+        return bool(self.metadata.get("derived", False))
+
+
+_INFOS: dict[str, TaskInfo] = {}
+
+
+def image_output_features(num_classes: int) -> dict[str, seqio.Feature]:
+    """Seqio output features of an image classification task (stack.md, verified)."""
+    return {
+        "inputs": seqio.ContinuousFeature(dtype=tf.float32, rank=3),
+        "targets": label_feature(num_classes),
+    }
+
+
+def label_feature(num_classes: int) -> seqio.Feature:
+    """Labels as int32 ``[1]``: seqio's Evaluator indexes ``shape[0]``, so never scalars."""
+    return seqio.Feature(
+        seqio.PassThroughVocabulary(size=num_classes), add_eos=False, dtype=tf.int32, rank=1
+    )
+
+
+def normalize_name(name: str) -> str:
+    """Adds the ``mu2net:`` prefix when missing (``digits`` -> ``mu2net:digits``)."""
+    return name if ":" in name else PREFIX + name
+
+
+def suggest(name: str, candidates: Sequence[str] | None = None) -> str:
+    """A ``" Did you mean ...?"`` suffix with close registered names, or ``""``."""
+    pool = list(candidates) if candidates is not None else list(_INFOS)
+    close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
+    if not close:
+        bare = [p.split(":", 1)[-1] for p in pool]
+        close = [
+            pool[bare.index(m)]
+            for m in difflib.get_close_matches(name.split(":", 1)[-1], bare, n=3, cutoff=0.6)
+        ]
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def task_info(name: str) -> TaskInfo:
+    """Metadata of a registered task (accepts names without the ``mu2net:`` prefix).
+
+    Raises:
+        TaskError: unknown task, with close registered names suggested.
+    """
+    full = normalize_name(name)
+    if full not in _INFOS:
+        raise TaskError(
+            f"Unknown task {name!r}: not registered (import mu2net.tasks, or the module that "
+            f"registers it).{suggest(full)}"
+        )
+    return _INFOS[full]
+
+
+def list_tasks(prefix: str = "") -> list[str]:
+    """Sorted names of registered tasks that start with ``prefix``."""
+    return sorted(n for n in _INFOS if n.startswith(prefix))
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` (prefix optional) has been registered through this module."""
+    return normalize_name(name) in _INFOS
+
+
+def register_classification_task(
+    name: str,
+    source: seqio.DataSource,
+    preprocessors: Sequence[Any],
+    *,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    modality: str = "image",
+    split_sizes: Mapping[str, int | None] | None = None,
+    output_features: Mapping[str, seqio.Feature] | None = None,
+    metric_fns: Sequence[Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> seqio.Task:
+    """Registers a seqio Task and its :class:`TaskInfo` together.
+
+    Args:
+        name: Full task name, ``mu2net:<name>``.
+        source: The seqio data source (raw examples).
+        preprocessors: seqio preprocessors; include ``seqio.CacheDatasetPlaceholder()``.
+        num_classes: Number of classes.
+        class_names: Names of the classes (default ``"0"..``).
+        modality: ``"image"`` or ``"text"``.
+        split_sizes: Examples per split, ``None`` where unknown.
+        output_features: Defaults to :func:`image_output_features`.
+        metric_fns: Defaults to top-1 accuracy.
+        metadata: Provenance (``source``, ``synthetic``, ``derived``...).
+
+    Returns:
+        The registered seqio Task.
+
+    Raises:
+        TaskError: invalid name/modality/class names, or a duplicate registration.
+    """
+    from mu2net.tasks import metrics  # local: metrics imports nothing of ours, no cycle
+
+    if not name.startswith(PREFIX) or not _NAME_RE.match(name):
+        raise TaskError(
+            f"Task name {name!r}: must start with {PREFIX!r} and use only letters, digits, "
+            "'_', '.', ':' or '#' (seqio's allowed characters)"
+        )
+    if modality not in MODALITIES:
+        raise TaskError(f"Task {name!r}: modality={modality!r}, expected one of {MODALITIES}")
+    if num_classes < 2:
+        raise TaskError(f"Task {name!r}: num_classes={num_classes}, expected >= 2")
+    names = tuple(class_names) if class_names is not None else tuple(map(str, range(num_classes)))
+    if len(names) != num_classes:
+        raise TaskError(f"Task {name!r}: {len(names)} class_names for num_classes={num_classes}")
+    if name in _INFOS or name in seqio.TaskRegistry.names():
+        raise TaskError(f"Task {name!r} is already registered (duplicate registration)")
+    task = seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=list(preprocessors),
+        output_features=dict(output_features or image_output_features(num_classes)),
+        postprocess_fn=metrics.label_postprocessor,
+        metric_fns=list(metric_fns) if metric_fns is not None else [metrics.accuracy],
+    )
+    sizes = {s: None for s in SPLITS}
+    sizes.update(split_sizes or {})
+    _INFOS[name] = TaskInfo(
+        name=name,
+        num_classes=int(num_classes),
+        class_names=names,
+        modality=modality,
+        split_sizes=sizes,
+        metadata=dict(metadata or {}),
+    )
+    return task
+
+
+def unregister(name: str) -> None:
+    """Removes a task from both registries (tests and interactive sessions)."""
+    full = normalize_name(name)
+    _INFOS.pop(full, None)
+    seqio.TaskRegistry.remove(full)
