@@ -215,3 +215,81 @@ def test_contradictory_config_errors(field, value, match):
     cfg = EvolutionConfig(family=FAM.name, **{field: value})
     with pytest.raises(ConfigError, match=match):
         cfg.validate(FAM)
+
+
+# ------------------------------------------------------------------ structural mutations on ViT
+def _vit_root(**hp):
+    import jax
+
+    from mu2net.models import get_family
+
+    vit = get_family("vit")
+    hparams = {
+        **vit.default_hparams(),
+        "num_classes": 3,
+        "ds_image_size": 16,
+        "_mu_": 1.0,
+        "vit_norm": "rmsnorm",
+        **hp,
+    }
+    s = System()
+    params = jax.device_get(vit.init(jax.random.PRNGKey(0), hparams))
+    root = s.add_root("root:vit", "vit", params, hparams, "root")
+    return vit, s, root
+
+
+def _vit_child(vit, s, root, **kw):
+    args = dict(
+        system=s,
+        family=vit,
+        parent=root,
+        task="t:v",
+        num_classes=3,
+        ds_hparams={"ds_image_size": 16},
+        space={},
+        rng=np.random.default_rng(3),
+        agent="v",
+        lookup=s.paths.get,
+    )
+    args.update(kw)
+    return make_child(**args)
+
+
+def test_adapter_mutation_adds_fresh_zero_output_adapters():
+    vit, s, root = _vit_root()
+    child = _vit_child(vit, s, root, adapters=True)
+    layers = child.path.hparams["adapter_layers"]
+    assert layers == "0_1"  # mu = 1: an adapter before every block
+    assert child.actions["residual_adapter_0"] == "fresh"
+    assert not np.any(child.trainable["residual_adapter_0"]["Dense_1"]["kernel"])
+
+
+def test_image_size_change_interpolates_the_position_embedding():
+    vit, s, root = _vit_root(_mu_=0.0)
+    child = _vit_child(vit, s, root, ds_hparams={"ds_image_size": 24})
+    assert child.actions["posembed_input"] == "adapt"
+    pos = child.trainable["posembed_input"]["pos_embedding"]
+    assert pos.shape == (1, 1 + (24 // 4) ** 2, 32)
+    np.testing.assert_array_equal(
+        pos[:, :1], s.components[root.components["posembed_input"]].params["pos_embedding"][:, :1]
+    )
+
+
+def test_expansion_mutations_preserve_the_function():
+    vit, s, root = _vit_root(_mu_=1.0)
+    child = _vit_child(vit, s, root, expansions=("mlp_width", "add_layers"))
+    assert set(child.mutations["expansions"]) == {"mlp_width", "add_layers"}
+    assert int(child.path.hparams["num_layers"]) == 3
+    rng = np.random.default_rng(0)
+    head = {
+        k: rng.normal(size=v.shape).astype(np.float32) for k, v in child.trainable["head"].items()
+    }  # non-zero, else logits are all 0
+    params = {**child.frozen, **child.trainable, "head": head}
+    x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    hp_root = {**root.hparams, "num_classes": 3}
+    before = {**s.params_of(root), "head": head}
+    np.testing.assert_allclose(
+        np.asarray(vit.apply(params, x, child.path.hparams)),
+        np.asarray(vit.apply(before, x, hp_root)),
+        atol=1e-5,
+    )
