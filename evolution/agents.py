@@ -13,9 +13,10 @@ processes (or machines, on a ``gs://`` store) and never coordinate directly:
   own family only, and reuses what fits (a ViT agent at another image size interpolates the
   position embedding of the shared ViT root and shares the rest).
 
-Two multiagent races are handled here (see :class:`SharedStore` and :class:`AgentEvolver`): a
-component another agent's new path shares can be dropped from its owner's next manifest, and a
-parent path can disappear (replaced by its task) while its children are alive.
+The multiagent races live in the core: a shard's manifest keeps every component it ever
+committed (another agent may share it), and a parent retired by another agent falls back to the
+root (:func:`~mu2net.evolution.loop.parent_lookup`). Every commit's history records which
+published paths the agent saw (an ``agent_view`` record).
 
 Command line (the same flags as ``mu2net evolve``, plus ``--cycles``)::
 
@@ -39,8 +40,8 @@ from mu2net import gin_utils
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.loop import Evolver, create_root
 from mu2net.system.names import validate_agent_name, validate_task_name
-from mu2net.system.state import Path, System
-from mu2net.system.store import Store, StoreConflict, StoreError
+from mu2net.system.state import System
+from mu2net.system.store import MARKER, Store, StoreConflict, StoreError
 from mu2net.train._gin import gin
 
 
@@ -88,123 +89,30 @@ class Agent:
         return dataclasses.replace(config, **dict(self.overrides))
 
 
-class SharedStore(Store):
-    """A :class:`Store` that never loses a component some shard once committed.
-
-    ``Store.commit`` lists only the components the writer's in-memory system still uses. With
-    several agents, agent A may publish a path sharing agent B's component c after B's last
-    reload; if B's next commit replaces the path that used c, B's manifest drops c and A's path
-    dangles (the store stops loading). Here a shard's latest manifest is read as the union of the
-    component records of all its manifests (files are never deleted, records never change), so
-    such a reference still resolves. Manifests are immutable, so each is read once per process.
-    """
-
-    def __init__(self, url: str):
-        super().__init__(url)
-        self._bodies: dict[tuple[str, int], dict[str, Any]] = {}
-        self.pending_history: list[dict[str, Any]] = []
-
-    def read_manifest(self, agent: str, seq: int) -> dict[str, Any]:
-        """Reads (once) and verifies one manifest."""
-        key = (agent, seq)
-        if key not in self._bodies:
-            self._bodies[key] = super().read_manifest(agent, seq)
-        body = self._bodies[key]
-        return {**body, "components": dict(body["components"])}
-
-    def latest_manifest(self, agent: str, on_corrupt: str = "raise") -> dict[str, Any] | None:
-        """The newest manifest, its components merged with every earlier manifest's."""
-        body = super().latest_manifest(agent, on_corrupt=on_corrupt)
-        if body is None:
-            return None
-        merged: dict[str, Any] = {}
-        for seq in self.manifest_seqs(agent):
-            if seq >= body["seq"]:
-                break
-            try:
-                merged.update(self.read_manifest(agent, seq)["components"])
-            except StoreError:
-                continue  # a broken old state: what it listed and still matters is listed later
-        merged.update(body["components"])
-        return {**body, "components": merged}
-
-    def commit(self, system: System, agent: str, history=(), note: str = "") -> int:
-        """``Store.commit``, with :attr:`pending_history` records appended to the history."""
-        extra, self.pending_history = self.pending_history, []
-        return super().commit(system, agent, history=[*history, *extra], note=note)
-
-
-def root_fallback(
-    lookup: Callable[[str], Path | None], system: System, family: str
-) -> Callable[[str], Path | None]:
-    """A parent lookup that answers the family's root for a path that no longer exists.
-
-    :func:`~mu2net.evolution.mutations.ancestors` stops at the first missing ancestor (a path
-    replaced by its task, possibly by another agent); components it would have found further up
-    then come from the root instead of a fresh init (or a :class:`MutationError` for components a
-    family cannot initialise afresh).
-    """
-
-    def wrapped(pid: str) -> Path | None:
-        found = lookup(pid)
-        if found is not None:
-            return found
-        roots = [r for r in system.roots() if r.family == family]
-        return roots[0] if roots else None
-
-    return wrapped
-
-
-class AgentEvolver(Evolver):
-    """An :class:`Evolver` for one agent: root fallback for lost parents, records what it saw.
-
-    Every commit's history gains an ``agent_view`` record: when the agent last reloaded and which
-    path (and agent) it saw published for every task, i.e. which other agents' work it built on.
-    """
-
-    def reload(self) -> System:
-        """Reloads every shard and remembers the view."""
-        system = super().reload()
-        if isinstance(self.store, SharedStore):
-            view = {
-                p.task: {
-                    "path": p.id,
-                    "agent": p.agent,
-                    "iterations": p.metrics.get("task_iterations", 0),
-                }
-                for p in system.task_paths()
-            }
-            self.store.pending_history = [
-                {"event": "agent_view", "agent": self.agent, "reloaded": time.time(), "seen": view}
-            ]
-        return system
-
-    def _train_child(self, task, info, agent, selector, ds, space, rng, lookup, *rest):
-        lookup = root_fallback(lookup, self.system, self.family.name)
-        return super()._train_child(task, info, agent, selector, ds, space, rng, lookup, *rest)
-
-
-def open_shared(url: str, config: EvolutionConfig, retries: int = 10) -> SharedStore:
+def open_shared(url: str, config: EvolutionConfig, retries: int = 10) -> Store:
     """Opens (or creates) the store and its root for ``config``'s family, racing other agents.
 
     Several agents may start on an empty store at once: whoever loses the race to create the
-    store marker or the root retries and uses the winner's.
+    store marker or the root retries and uses the winner's. Any other store error (a foreign
+    directory, a broken manifest) is raised at once.
     """
     last: Exception | None = None
     for attempt in range(retries):
+        store = Store(url)
+        if not store.fs.exists(store._p(MARKER)):
+            try:
+                name = os.path.basename(store.root.rstrip("/")) or "system"
+                Store.create(url, name.replace(" ", "_"))
+            except StoreError as e:  # created meanwhile, being created, or a foreign directory
+                last = e
+                time.sleep(0.05 * (attempt + 1))
+                continue
         try:
-            store = SharedStore.open(url)
+            store.info()
             create_root(store, config)
             return store
-        except StoreConflict as e:  # another agent committed the same root first
+        except StoreConflict as e:  # another agent committed the same root first: use it
             last = e
-        except StoreError as e:
-            last = e
-            try:
-                name = os.path.basename(url.rstrip("/").split("://")[-1]) or "system"
-                Store.create(url, name.replace(" ", "_"))
-            except StoreError as e2:  # created meanwhile, or a foreign directory
-                last = e2
         time.sleep(0.05 * (attempt + 1))
     raise StoreError(f"{url}: could not open or create the store: {last}")
 
@@ -268,7 +176,7 @@ def run_agent(
         config.num_cycles = int(cycles)
         store = open_shared(store_url, config)
         claim_tasks(store, agent, validate=validate_tasks)
-        evolver = AgentEvolver(
+        evolver = Evolver(
             store,
             config,
             agent=agent.name,

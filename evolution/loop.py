@@ -43,6 +43,22 @@ class _Generation:
     prefix: PrefixCache | None
 
 
+def parent_lookup(
+    system: System, candidates: dict[str, Path], family: str
+) -> Callable[[str], Path | None]:
+    """Path id -> path for the ancestor walk: this iteration's candidates, then published paths.
+
+    A parent that no longer exists (replaced by its task, possibly by a concurrent agent) falls
+    back to the family's root (µ3Net), so components come from the root rather than a fresh init.
+    """
+    roots = [r for r in system.roots() if r.family == family]
+
+    def lookup(pid: str) -> Path | None:
+        return candidates.get(pid) or system.paths.get(pid) or (roots[0] if roots else None)
+
+    return lookup
+
+
 def root_agent(family: str) -> str:
     """Shard that holds the root of ``family``."""
     return validate_agent_name(f"root~{family}")
@@ -107,6 +123,7 @@ class Evolver:
 
             self.writer = metric_writers.create_default_writer(logdir, asynchronous=False)
         self.system: System = System()
+        self._view: dict[str, Any] = {}
         self._step = 0
 
     # --------------------------------------------------------------------- helpers
@@ -127,6 +144,16 @@ class Evolver:
     def reload(self) -> System:
         """Reloads the published state of every shard (other agents' work included)."""
         self.system = self.store.load()
+        self._view = {
+            "event": "agent_view",
+            "agent": self.agent,
+            "reloaded": time.time(),
+            "seen": {
+                p.task: {"path": p.id, "agent": p.agent,
+                         "iterations": p.metrics.get("task_iterations", 0)}
+                for p in self.system.task_paths()
+            },
+        }  # fmt: skip
         return self.system
 
     def my_tasks(self) -> list[str]:
@@ -203,8 +230,7 @@ class Evolver:
             task, population, seeds, self._score, rng, cfg.linear_probe_seeding
         )
 
-        def lookup(pid: str) -> Path | None:
-            return candidates.get(pid) or system.paths.get(pid)
+        lookup = parent_lookup(system, candidates, family.name)
 
         num_train = int(info.split_sizes.get("train", 0))
         steps_between = evo_data.steps_between_validations(
@@ -411,7 +437,9 @@ class Evolver:
             "seconds": time.time() - t0,
             "candidates": len(history),
         }
-        self.store.commit(system, agent, history=[*history, summary], note=f"{task} it{iteration}")
+        # The view records which published paths (of which agents) this iteration built on.
+        records = [*history, summary, self._view]
+        self.store.commit(system, agent, history=records, note=f"{task} it{iteration}")
         self._scalar(task, "accounted_params", best.metrics["accounted_params"])
         self._scalar(task, "candidates_per_second", len(history) / max(time.time() - t0, 1e-9))
         if best.metrics.get("test_quality") is not None:

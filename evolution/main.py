@@ -17,6 +17,7 @@ from mu2net import gin_utils
 from mu2net.evolution.config import EvolutionConfig
 from mu2net.evolution.loop import Evolver, create_root
 from mu2net.system.store import Store, StoreError
+from mu2net.train._gin import gin
 
 
 def build_parser(prog: str = "mu2net evolve") -> argparse.ArgumentParser:
@@ -61,7 +62,9 @@ def open_or_create(url: str, config: EvolutionConfig, system_name: str | None = 
         store = Store.open(url)
     except StoreError:
         store = Store(url)
-        if store.fs.exists(store.root) and store.fs.ls(store.root):
+        if store.fs.exists(store.root) and [
+            p for p in store.fs.ls(store.root, detail=False) if ".tmp-" not in p
+        ]:
             raise
         name = system_name or os.path.basename(store.root.rstrip("/")) or "system"
         # The name also names the live seqio mixture, which allows only [A-Za-z0-9_.].
@@ -100,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(gin_utils.rewrite_gin_args(sys.argv[1:] if argv is None else argv))
     try:
+        gin.clear_config()  # main() may run twice in one process (tests, notebooks)
         gin_utils.parse_gin(args)
         run(args)
     except (gin_utils.GinConfigError, ValueError, StoreError) as e:

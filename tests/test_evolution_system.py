@@ -84,7 +84,7 @@ def evolved(tmp_path_factory):
     snapshots, predictions = [], []
     for task in TASKS:
         add_tasks_to_store(store, [task])
-        Evolver(store, cfg, progress=False).run()
+        Evolver(store, cfg, progress=False, logdir=url + "_tb").run()
         system = store.load()
         snapshots.append({t: _snapshot(system, t) for t in TASKS[: len(snapshots) + 1]})
         predictions.append({t: evaluate_path(system, t)[1] for t in TASKS[: len(snapshots)]})
@@ -112,6 +112,21 @@ def test_history_records_every_decision(evolved):
     for h in cands:
         assert {"mutations", "hparams", "quality", "evals", "timings", "trainable_params"} <= set(h)
     assert sum(h.get("event") == "task_iteration" for h in history) == len(TASKS)
+
+
+def test_tensorboard_scalars_per_task(evolved):
+    import glob
+
+    import tensorflow as tf
+
+    url, *_ = evolved
+    tags = set()
+    for f in glob.glob(url + "_tb/**/events.out.tfevents.*", recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(f):
+            tags.update(v.tag for v in event.summary.value)
+    for task in TASKS:
+        for name in ("best_score_per_generation", "accounted_params", "candidates_per_second"):
+            assert f"{task}/{name}" in tags
 
 
 def test_beats_linear_probe_on_most_tasks(evolved):

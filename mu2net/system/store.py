@@ -172,7 +172,9 @@ class Store:
         marker = store._p(MARKER)
         if store.fs.exists(marker):
             raise StoreError(f"{marker}: a store already exists here")
-        if store.fs.exists(store.root) and store.fs.ls(store.root):
+        if store.fs.exists(store.root) and [
+            p for p in store.fs.ls(store.root, detail=False) if ".tmp-" not in p
+        ]:  # a temp file is what a run killed inside ``create`` leaves behind
             raise StoreError(f"{store.root}: directory is not empty and is not a mu2net store")
         body = {"format": FORMAT, "version": VERSION, "system": system_name, "created": time.time()}
         store._put(marker, json.dumps(body, indent=1).encode())
@@ -371,8 +373,8 @@ class Store:
     ) -> int:
         """Commits ``agent``'s part of ``system``: new components, its paths, its tasks.
 
-        Returns the new sequence number. Only components created by ``agent`` and referenced
-        by a published path are listed; only those not committed before are written.
+        Returns the new sequence number. The manifest lists every component ``agent`` ever
+        committed plus its new ones referenced by a published path; only the new are written.
         """
         validate_agent_name(agent)
         self.info()
@@ -410,6 +412,10 @@ class Store:
                 "bytes": len(data),
                 "seq": seq,
             }
+        for cid, rec in prev_components.items():
+            # A committed component stays listed: another shard may share it even if this
+            # agent no longer uses it (its params never change, so keeping it is free).
+            records.setdefault(cid, rec)
         history_files = list(prev.get("history_files", [])) if prev else []
         history = list(history)
         if history:

@@ -1,0 +1,764 @@
+"""Crash-safety benchmark: SIGKILL ``mu2net evolve`` at random instants, restart, check the store.
+
+Runs ``python -m mu2net.evolution.main --gin_file=tests/data/tiny_vit.gin`` as a subprocess on the
+small bundled tasks and kills it with SIGKILL, then restarts it, over and over, in *chains*: a
+chain starts from an empty store and ends with an uninterrupted run that must complete. Two kinds
+of kill are mixed:
+
+* ``timed``: the parent kills the process a random delay after its n-th committed task iteration
+  (the ``[task] iteration i`` log line), so kills land anywhere in the following generations,
+  test evaluations and commits;
+* ``write``: the process kills itself at the k-th store write of this run (before it, after the
+  temp file is written but before the atomic publish, or right after the publish), i.e. in the
+  middle of a commit, between params files and the manifest. Such a process is started by this
+  file (``--fault-child``), which installs the hook and then calls the same ``main``.
+
+After every kill: the store opens, every checksum verifies (``Store.verify``), the merged system
+validates, and no published path changed: each path published before the kill still exists with
+the same components, hparams and bit-identical params, and the same record, unless its task
+committed a task iteration since (then only that task's path may be replaced or its metadata
+updated); components never change; the live mixture and task iterations never go backwards.
+Each chain's final run must complete; its final system is also compared with an uninterrupted
+reference run of the same configuration (same seed, so resuming from the last commit should give
+the same system).
+
+By default each run is a fork of this process, which imported everything once, running the same
+``mu2net.evolution.main.main``: on a busy 2-core CPU the ~25 s of imports per run would dominate.
+``--spawn=subprocess`` runs ``python -m mu2net.evolution.main`` each time, as the CI test
+(tests/test_reliability_crash.py) does. Prints a table and writes ``benchmarks/faults.json``.
+
+Usage: ``python benchmarks/faults.py [--kills 24] [--seed 0] [--spawn fork|subprocess]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_GIN = os.path.join(REPO, "tests", "data", "tiny_vit.gin")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.json")
+CHILD_FLAG = "--fault-child"
+PHASES = ("before", "tmp", "after")
+_ITER_RE = re.compile(r"^\[(?P<task>[^\]]+)\] iteration (?P<it>\d+):")
+_PROGRESS_RE = re.compile(r"(?P<task>\S+) it(?P<it>\d+):.*?(?P<done>\d+)/(?P<total>\d+)")
+
+
+# ----------------------------------------------------------------------------- kill specs
+@dataclasses.dataclass
+class KillSpec:
+    """Where to kill one run.
+
+    Attributes:
+      kind: ``"timed"`` (the parent kills ``delay`` s after the ``after_commits``-th committed task
+        iteration of this run) or ``"write"`` (the run kills itself at its ``put``-th store write,
+        in ``phase`` before / tmp / after).
+    """
+
+    kind: str
+    after_commits: int = 1
+    delay: float = 0.0
+    put: int = 1
+    phase: str = "tmp"
+
+    def describe(self) -> str:
+        """One line for the table."""
+        if self.kind == "timed":
+            return f"timed: {self.delay:.1f}s after commit #{self.after_commits}"
+        return f"write: store write #{self.put}, {self.phase}"
+
+
+def sample_specs(n: int, rng: np.random.Generator, max_delay: float = 8.0) -> list[KillSpec]:
+    """``n`` kill specs: two thirds timed (random delay after a commit), one third mid-commit."""
+    specs = []
+    for _ in range(n):
+        if rng.random() < 2 / 3:
+            specs.append(KillSpec("timed", after_commits=1, delay=float(rng.uniform(0, max_delay))))
+        else:
+            # A restart's first writes are its first commit: >= 1 params file, history, manifest.
+            specs.append(
+                KillSpec("write", put=int(rng.integers(1, 4)), phase=str(rng.choice(PHASES)))
+            )
+    return specs
+
+
+# ----------------------------------------------------------------------------- running evolve
+def evolve_args(
+    store: str,
+    tasks: Sequence[str],
+    *,
+    agent: str | None = None,
+    num_cycles: int = 1,
+    gin_file: str = TINY_GIN,
+    bindings: Sequence[str] = (),
+) -> list[str]:
+    """Flags of ``mu2net.evolution.main`` for a tiny run over ``tasks``."""
+    args = [
+        f"--gin_file={gin_file}",
+        f"--store={store}",
+        f"--add_tasks={','.join(tasks)}",
+        f"--gin.EvolutionConfig.num_cycles={num_cycles}",
+        "--logdir=",
+    ]
+    args += [f"--gin.{b}" for b in bindings]
+    if agent:
+        args.append(f"--agent={agent}")
+    return args
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of an evolve subprocess: CPU only, unbuffered output, quiet TensorFlow."""
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def command(args: Sequence[str], spec: KillSpec | None = None) -> list[str]:
+    """The evolve command line; write-kills run through this file's hooked child mode."""
+    if spec is not None and spec.kind == "write":
+        return [
+            sys.executable,
+            os.path.abspath(__file__),
+            CHILD_FLAG,
+            str(spec.put),
+            spec.phase,
+            *args,
+        ]
+    return [sys.executable, "-m", "mu2net.evolution.main", *args]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one evolve process did."""
+
+    returncode: int
+    killed: bool
+    seconds: float
+    commits: list[str]
+    commit_times: list[float]
+    landed: str
+    stdout: str
+    stderr: str
+
+
+def run_evolve(
+    args: Sequence[str],
+    spec: KillSpec | None = None,
+    timeout: float = 900.0,
+    env: Mapping[str, str] | None = None,
+    spawn: str = "subprocess",
+) -> RunResult:
+    """Runs evolve once, killing it as ``spec`` says; returns what happened.
+
+    ``spawn="subprocess"`` runs ``python -m mu2net.evolution.main``; ``"fork"`` forks this
+    process (which must have called :func:`preimport`) and runs the same ``main`` in the child,
+    which saves the ~25 s of imports per run on a busy CPU.
+    """
+    t0 = time.time()
+    if spawn == "fork":
+        proc = _Forked(args, spec)
+    else:
+        proc = subprocess.Popen(
+            command(args, spec),
+            cwd=REPO,
+            env=child_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+    out_lines: list[str] = []
+    err_chunks: list[str] = []
+    commits: list[str] = []
+    commit_times: list[float] = []
+    progress = {"last": "start-up (imports, store set-up)"}
+    kill_at: list[float] = []
+    lock = threading.Lock()
+
+    def read_out():
+        for line in proc.stdout:
+            out_lines.append(line)
+            m = _ITER_RE.match(line.strip())
+            if m:
+                with lock:
+                    commits.append(line.strip())
+                    commit_times.append(time.time() - t0)
+                    progress["last"] = f"after commit of {m['task']} it{m['it']}"
+                    if spec and spec.kind == "timed" and len(commits) == spec.after_commits:
+                        kill_at.append(time.time() + spec.delay)
+
+    def read_err():
+        buf = ""
+        while True:
+            ch = proc.stderr.read(256)
+            if not ch:
+                break
+            err_chunks.append(ch)
+            buf = (buf + ch)[-4096:]
+            for piece in re.split(r"[\r\n]", buf)[-3:]:
+                m = _PROGRESS_RE.search(piece)
+                if m:
+                    with lock:
+                        progress["last"] = (
+                            f"{m['task']} it{m['it']}, {m['done']}/{m['total']} candidates done"
+                        )
+
+    threads = [
+        threading.Thread(target=read_out, daemon=True),
+        threading.Thread(target=read_err, daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    killed_by_parent = False
+    landed = ""
+    while proc.poll() is None:
+        now = time.time()
+        if kill_at and now >= kill_at[0] and not killed_by_parent:
+            with lock:
+                landed = progress["last"]
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_by_parent = True
+        if now - t0 > timeout:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"evolve ran over {timeout:.0f}s: {' '.join(args)}")
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=10)
+    killed = proc.returncode == -signal.SIGKILL
+    if killed and not landed:
+        landed = progress["last"]
+        if spec is not None and spec.kind == "write":
+            landed += f" -> in commit (write #{spec.put}, {spec.phase})"
+    return RunResult(
+        returncode=proc.returncode,
+        killed=killed,
+        seconds=time.time() - t0,
+        commits=commits,
+        commit_times=commit_times,
+        landed=landed,
+        stdout="".join(out_lines),
+        stderr="".join(err_chunks),
+    )
+
+
+class _Forked:
+    """A forked evolve run with the part of the ``Popen`` interface :func:`run_evolve` uses."""
+
+    def __init__(self, args: Sequence[str], spec: KillSpec | None):
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.close(out_r)
+                os.close(err_r)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                sys.stdout = os.fdopen(1, "w", buffering=1)
+                sys.stderr = os.fdopen(2, "w", buffering=1)
+                if spec is not None and spec.kind == "write":
+                    code = _child_main([str(spec.put), spec.phase, *args])
+                else:
+                    from mu2net.evolution.main import main
+
+                    code = main(list(args))
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(out_w)
+        os.close(err_w)
+        self.pid = pid
+        self.stdout = os.fdopen(out_r, "r")
+        self.stderr = os.fdopen(err_r, "r")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = (
+                    -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                )
+        return self.returncode
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.02)
+        return self.returncode
+
+
+def preimport() -> None:
+    """Imports what evolve needs once, before forking (no JAX computation runs here)."""
+    os.environ.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    import mu2net.evolution.main  # noqa: F401
+    import mu2net.mixtures  # noqa: F401
+    import mu2net.models.vit  # noqa: F401
+    import mu2net.tasks  # noqa: F401
+
+
+# ----------------------------------------------------------------------------- observing a store
+def params_digest(tree: Any) -> str:
+    """sha256 over every leaf (name, dtype, shape, bytes) of a params pytree."""
+    h = hashlib.sha256()
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k in sorted(node):
+                walk(node[k], f"{prefix}/{k}")
+        else:
+            a = np.ascontiguousarray(np.asarray(node))
+            h.update(f"{prefix}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+
+    walk(tree, "")
+    return h.hexdigest()
+
+
+def observe(url: str) -> dict[str, Any]:
+    """Verifies the store at ``url`` and records its published state.
+
+    Raises whatever the store raises when it does not load, verify or validate.
+    """
+    from mu2net.system.store import Store
+
+    store = Store.open(url)
+    n_verified = store.verify()
+    system = store.load()
+    system.validate()
+    records = {}
+    for agent in store.shards():
+        body = store.latest_manifest(agent) or {}
+        records.update(body.get("components", {}))
+    paths = {pid: p.to_json() for pid, p in system.paths.items()}
+    return {
+        "verified_components": n_verified,
+        "tasks": list(system.tasks),
+        "paths": json.loads(json.dumps(paths)),
+        "digests": {cid: params_digest(c.params) for cid, c in system.components.items()},
+        "records": {cid: {k: r[k] for k in ("file", "sha256")} for cid, r in records.items()},
+        "iterations": {t: _iterations(system, t) for t in system.tasks},
+    }
+
+
+def _iterations(system, task: str) -> int:
+    best = system.best_path(task)
+    return int(best.metrics.get("task_iterations", 0)) if best else 0
+
+
+def check_transition(
+    before: Mapping[str, Any], after: Mapping[str, Any], allowed_metrics: Sequence[str] = ()
+) -> list[str]:
+    """Violations of "no published path changed" between two observations of one store.
+
+    A path published in ``before`` must be in ``after`` with the same record and bit-identical
+    params, unless its task committed a task iteration in between: then it may have been
+    replaced by a newer path of that task, or its metrics (metadata) updated. ``allowed_metrics``
+    may change on any path (e.g. ``offsprings_per_task`` of seeds in a shared shard).
+    """
+    bad = []
+    n = len(before["tasks"])
+    if after["tasks"][:n] != before["tasks"]:
+        bad.append(f"live mixture changed: {before['tasks']} -> {after['tasks']}")
+    for t, it in before["iterations"].items():
+        if after["iterations"].get(t, 0) < it:
+            bad.append(f"task {t}: iterations went back {it} -> {after['iterations'].get(t, 0)}")
+    for cid, d in before["digests"].items():
+        if cid in after["digests"] and after["digests"][cid] != d:
+            bad.append(f"component {cid}: params changed")
+        if cid in after["records"] and cid in before["records"]:
+            if after["records"][cid] != before["records"][cid]:
+                bad.append(f"component {cid}: store record changed")
+    for pid, rec in before["paths"].items():
+        task = rec["task"]
+        grown = after["iterations"].get(task, 0) > before["iterations"].get(task, 0)
+        new = after["paths"].get(pid)
+        if new is None:
+            if rec["is_root"] or not grown:
+                bad.append(f"path {pid} of {task} disappeared without a new task iteration")
+            continue
+        for key in ("task", "family", "components", "hparams", "agent", "parent", "is_root"):
+            if new[key] != rec[key]:
+                bad.append(f"path {pid} of {task}: {key} changed")
+        for cid in rec["components"].values():
+            if after["digests"].get(cid) != before["digests"].get(cid):
+                bad.append(f"path {pid} of {task}: params of {cid} changed")
+        if not grown:
+            m0 = {k: v for k, v in rec["metrics"].items() if k not in allowed_metrics}
+            m1 = {k: v for k, v in new["metrics"].items() if k not in allowed_metrics}
+            if m0 != m1:
+                diff = sorted(k for k in set(m0) | set(m1) if m0.get(k) != m1.get(k))
+                bad.append(f"path {pid} of {task}: metrics {diff} changed with no new iteration")
+    return bad
+
+
+def same_system(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Differences between two final systems: paths, components and params (not timings)."""
+    diff = []
+    if a["tasks"] != b["tasks"]:
+        diff.append(f"tasks {a['tasks']} != {b['tasks']}")
+    if set(a["paths"]) != set(b["paths"]):
+        diff.append(f"path ids {sorted(a['paths'])} != {sorted(b['paths'])}")
+    for pid in set(a["paths"]) & set(b["paths"]):
+        pa, pb = a["paths"][pid], b["paths"][pid]
+        if pa["components"] != pb["components"] or pa["hparams"] != pb["hparams"]:
+            diff.append(f"path {pid}: components or hparams differ")
+        for cid in pa["components"].values():
+            if a["digests"].get(cid) != b["digests"].get(cid):
+                diff.append(f"path {pid}: params of {cid} differ")
+    return diff
+
+
+def leftovers(url: str) -> dict[str, int]:
+    """Files a killed run left behind: temp files and params files no manifest lists."""
+    from mu2net.system.store import Store
+
+    store = Store.open(url)
+    tmp = orphans = 0
+    for agent in store.shards():
+        listed = set()
+        for seq in store.manifest_seqs(agent):
+            body = store.read_manifest(agent, seq)
+            listed |= {r["file"] for r in body["components"].values()}
+        for p in store.fs.find(store._p("shards", agent)):
+            rel = p.split(f"/shards/{agent}/", 1)[1]
+            if ".tmp-" in rel:
+                tmp += 1
+            elif rel.startswith("params/") and rel not in listed:
+                orphans += 1
+    return {"tmp_files": tmp, "orphan_params": orphans}
+
+
+# ----------------------------------------------------------------------------- chains of kills
+@dataclasses.dataclass
+class KillResult:
+    """One delivered kill and the checks after it."""
+
+    chain: int
+    spec: str
+    landed: str
+    seconds: float
+    verified: int
+    violations: list[str]
+    leftovers: dict[str, int]
+    error: str = ""
+
+    @property
+    def survived(self) -> bool:
+        """Store loaded, verified, validated and no published path changed."""
+        return not self.error and not self.violations
+
+
+def run_chain(
+    url: str,
+    tasks: Sequence[str],
+    specs: Sequence[KillSpec],
+    *,
+    chain: int = 0,
+    agent: str | None = None,
+    num_cycles: int = 1,
+    allowed_metrics: Sequence[str] = ("offsprings_per_task",),
+    timeout: float = 900.0,
+    spawn: str = "subprocess",
+    log=print,
+) -> tuple[list[KillResult], dict[str, Any]]:
+    """Runs evolve on ``url``, killing it per ``specs`` and restarting, then lets it finish.
+
+    The first run of a fresh store sets it up (root, tasks) and must not be killed before its
+    first commit; every kill spec is tried once (a run that finishes before its kill is simply
+    restarted with the next spec). Returns the kill results and the final run's report
+    (``completed``, ``final`` observation).
+    """
+    args = evolve_args(url, tasks, agent=agent, num_cycles=num_cycles)
+    results: list[KillResult] = []
+    prev: dict[str, Any] | None = None
+    seen_digests: dict[str, str] = {}
+    queue = list(specs)
+    while True:
+        spec = queue.pop(0) if queue else None
+        if spec is not None and spec.kind == "write" and prev is None:
+            spec = KillSpec("timed", after_commits=1, delay=spec.put * 0.5)  # set-up run
+        res = run_evolve(args, spec, timeout=timeout, spawn=spawn)
+        if not res.killed:
+            if res.returncode != 0:
+                raise RuntimeError(
+                    f"evolve failed (rc {res.returncode}) after {len(results)} kills:\n"
+                    f"{res.stderr[-3000:]}"
+                )
+            final = observe(url)
+            bad = check_transition(prev, final, allowed_metrics) if prev else []
+            bad += _immutability(seen_digests, final)
+            want = num_cycles
+            undone = {t: n for t, n in final["iterations"].items() if n != want}
+            if undone:
+                bad.append(f"run completed with task iterations {undone}, expected {want}")
+            if spec is not None:
+                log(f"  chain {chain}: run finished before its kill ({spec.describe()})")
+            # A finished run leaves nothing to kill: remaining specs would only start no-op runs.
+            return results, {
+                "completed": not bad,
+                "violations": bad,
+                "final": final,
+                "seconds": res.seconds,
+            }
+        try:
+            obs = observe(url)
+            violations = check_transition(prev, obs, allowed_metrics) if prev else []
+            violations += _immutability(seen_digests, obs)
+            kr = KillResult(
+                chain,
+                spec.describe(),
+                res.landed,
+                res.seconds,
+                obs["verified_components"],
+                violations,
+                leftovers(url),
+            )
+            prev = obs
+        except Exception as e:  # the store no longer loads: that is the failure we count
+            kr = KillResult(
+                chain,
+                spec.describe(),
+                res.landed,
+                res.seconds,
+                0,
+                [],
+                {},
+                error=f"{type(e).__name__}: {e}",
+            )
+        results.append(kr)
+        log(
+            f"  chain {chain} kill {len(results)}: {kr.spec:<38} landed: {kr.landed:<45} "
+            f"{'ok' if kr.survived else 'FAILED ' + (kr.error or '; '.join(kr.violations))}"
+        )
+        if kr.error:
+            return results, {
+                "completed": False,
+                "violations": [kr.error],
+                "final": None,
+                "seconds": 0.0,
+            }
+
+
+def _immutability(seen: dict[str, str], obs: Mapping[str, Any]) -> list[str]:
+    bad = []
+    for cid, d in obs["digests"].items():
+        if seen.setdefault(cid, d) != d:
+            bad.append(f"component {cid}: params differ from an earlier observation")
+    return bad
+
+
+# ----------------------------------------------------------------------------- the hooked child
+def _child_main(argv: Sequence[str]) -> int:
+    """``faults.py --fault-child PUT PHASE evolve-args...``: SIGKILL self at the PUT-th write."""
+    put_index, phase, *args = argv
+    put_index = int(put_index)
+    from mu2net.system import store as store_mod
+
+    original = store_mod.Store._put
+    count = [0]
+
+    def die():
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hooked(self, path, data):
+        count[0] += 1
+        if count[0] != put_index:
+            return original(self, path, data)
+        if phase == "before":
+            die()
+        if phase == "tmp":
+            # The temp file is written, the exclusive publish (link or mv) never happens.
+            real_link, real_mv = os.link, self.fs.mv
+            os.link = lambda *a, **k: die()
+            self.fs.mv = lambda *a, **k: die()
+            try:
+                return original(self, path, data)
+            finally:
+                os.link, self.fs.mv = real_link, real_mv
+        original(self, path, data)
+        die()
+
+    store_mod.Store._put = hooked
+    from mu2net.evolution.main import main
+
+    return main(args)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def benchmark(
+    kills: int, seed: int, workdir: str, spawn: str = "fork", log=print
+) -> dict[str, Any]:
+    """Reference run, then chains of kills until ``kills`` kills were delivered."""
+    rng = np.random.default_rng(seed)
+    configs = [
+        {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": None, "num_cycles": 2},
+        {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": "solo", "num_cycles": 2},
+    ]
+    refs = {}
+    iteration_seconds = []
+    t0 = time.time()
+    for i, cfg in enumerate(configs):
+        url = os.path.join(workdir, f"reference-{i}")
+        res = run_evolve(
+            evolve_args(url, cfg["tasks"], agent=cfg["agent"], num_cycles=cfg["num_cycles"]),
+            spawn=spawn,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"reference run failed:\n{res.stderr[-3000:]}")
+        refs[i] = observe(url)
+        iteration_seconds += list(np.diff(res.commit_times))
+        log(
+            f"reference {i} ({cfg}): {res.seconds:.0f}s, commits at "
+            f"{[round(t) for t in res.commit_times]}s"
+        )
+    # Timed kills land up to 1.2 task iterations after a commit: anywhere in the next iteration's
+    # generations, test evaluation or commit (or, rarely, the one after).
+    max_delay = 1.2 * float(np.mean(iteration_seconds)) if iteration_seconds else 10.0
+    results: list[KillResult] = []
+    chains = []
+    c = 0
+    while len(results) < kills:
+        cfg = configs[c % len(configs)]
+        url = os.path.join(workdir, f"chain-{c}")
+        specs = sample_specs(min(8, kills - len(results)), rng, max_delay)
+        kr, report = run_chain(
+            url,
+            cfg["tasks"],
+            specs,
+            chain=c,
+            agent=cfg["agent"],
+            num_cycles=cfg["num_cycles"],
+            spawn=spawn,
+            log=log,
+        )
+        results += kr
+        same = same_system(refs[c % len(configs)], report["final"]) if report["final"] else None
+        chains.append(
+            {
+                "chain": c,
+                "config": cfg,
+                "kills": len(kr),
+                "completed": report["completed"],
+                "violations": report["violations"],
+                "matches_reference": same == [],
+                "reference_differences": same,
+            }
+        )
+        log(
+            f"chain {c}: {len(kr)} kills, completed={report['completed']}, "
+            f"same system as the uninterrupted run: {same == []}"
+        )
+        c += 1
+        if not report["completed"]:
+            break
+    return {
+        "max_delay_s": max_delay,
+        "kills_tried": len(results),
+        "kills_survived": sum(r.survived for r in results),
+        "chains": chains,
+        "kills": [dataclasses.asdict(r) | {"survived": r.survived} for r in results],
+        "seconds": time.time() - t0,
+    }
+
+
+def print_table(report: Mapping[str, Any]) -> None:
+    """The benchmark's table."""
+    rows = [["#", "chain", "kill", "landed", "verified", "leftovers", "result"]]
+    for i, k in enumerate(report["kills"], 1):
+        left = k["leftovers"]
+        rows.append(
+            [
+                str(i),
+                str(k["chain"]),
+                k["spec"],
+                k["landed"],
+                str(k["verified"]),
+                f"{left.get('tmp_files', 0)} tmp, {left.get('orphan_params', 0)} orphan",
+                "survived" if k["survived"] else "FAILED",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for ch in report["chains"]:
+        print(
+            f"chain {ch['chain']}: {ch['kills']} kills, run completed: {ch['completed']}, "
+            f"final system identical to the uninterrupted run: {ch['matches_reference']}"
+        )
+    print(
+        f"\nkills survived / tried: {report['kills_survived']} / {report['kills_tried']} "
+        f"({report['seconds']:.0f}s)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark and writes ``benchmarks/faults.json``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=24, help="kills to deliver (>= 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="", help="where the stores go (default: a temp dir)")
+    p.add_argument("--out", default=OUT)
+    p.add_argument(
+        "--spawn",
+        choices=("fork", "subprocess"),
+        default="fork",
+        help="fork: import once, fork a child per run (fast on a busy CPU); subprocess: "
+        "`python -m mu2net.evolution.main` per run (what the CI test does)",
+    )
+    args = p.parse_args(argv)
+    if args.spawn == "fork":
+        preimport()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="mu2net-faults-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        report = benchmark(args.kills, args.seed, workdir, spawn=args.spawn)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["load_average"] = os.getloadavg()
+    report["spawn"] = args.spawn
+    print_table(report)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    return 0 if report["kills_survived"] == report["kills_tried"] else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD_FLAG:
+        sys.exit(_child_main(sys.argv[2:]))
+    sys.exit(main())

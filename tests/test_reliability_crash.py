@@ -1,0 +1,105 @@
+"""Crash safety of `evolve`: SIGKILL at sampled instants, restart, the store stays intact.
+
+The sampled CI version of ``benchmarks/faults.py`` (which runs >= 20 kills): one evolve agent on
+two tiny tasks is killed twice -- once a random delay into the second task's iteration (after
+the first task's commit), once in the middle of a commit (the process kills itself at one of its
+first store writes) -- and restarted. After each kill the store must open, verify every checksum,
+validate, and show every path published before the kill unchanged (same record, bit-identical
+params); the last restart must complete the run. ``MU2NET_FAULT_SEED`` picks other kill points.
+"""
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _faults():
+    spec = importlib.util.spec_from_file_location("mu2net_faults", REPO / "benchmarks/faults.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+faults = _faults()
+TASKS = ["mu2net:lfw_faces", "mu2net:digits"]
+
+
+def test_transition_check_catches_changes():
+    """The checker itself: a changed param, a dropped path, a rewritten record are caught."""
+    before = {
+        "tasks": ["t:a", "t:b"],
+        "iterations": {"t:a": 1, "t:b": 0},
+        "digests": {"x/c0": "d0", "x/c1": "d1"},
+        "records": {"x/c0": {"file": "f0", "sha256": "s0"}},
+        "paths": {
+            "x/p0": {
+                "task": "t:a",
+                "family": "f",
+                "components": {"head": "x/c0"},
+                "hparams": {"lr": 1},
+                "agent": "x",
+                "parent": None,
+                "is_root": False,
+                "metrics": {"quality": 0.5, "offsprings_per_task": "{}"},
+            }
+        },
+    }
+    assert faults.check_transition(before, before) == []
+    changed = {**before, "digests": {"x/c0": "XX", "x/c1": "d1"}}
+    assert any("params" in v for v in faults.check_transition(before, changed))
+    gone = {**before, "paths": {}}
+    assert any("disappeared" in v for v in faults.check_transition(before, gone))
+    # Replaced after a committed iteration of its task: allowed.
+    assert faults.check_transition(before, {**gone, "iterations": {"t:a": 2, "t:b": 0}}) == []
+    meta = {"x/p0": {**before["paths"]["x/p0"], "metrics": {"quality": 0.5}}}
+    assert faults.check_transition(before, {**before, "paths": meta})
+    assert faults.check_transition(before, {**before, "paths": meta}, ["offsprings_per_task"]) == []
+    rec = {**before, "records": {"x/c0": {"file": "other", "sha256": "s0"}}}
+    assert any("record" in v for v in faults.check_transition(before, rec))
+    back = {**before, "iterations": {"t:a": 0, "t:b": 0}}
+    assert any("went back" in v for v in faults.check_transition(before, back))
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_keeps_the_store_intact(tmp_path):
+    rng = np.random.default_rng(int(os.environ.get("MU2NET_FAULT_SEED", "0")))
+    specs = [
+        # Into the second task's iteration: its generations, test eval or commit.
+        faults.KillSpec("timed", after_commits=1, delay=float(rng.uniform(0.0, 3.0))),
+        # A commit's first writes: params file(s), history or manifest, before/at/after publish.
+        faults.KillSpec("write", put=int(rng.integers(1, 3)), phase=str(rng.choice(faults.PHASES))),
+    ]
+    url = str(tmp_path / "store")
+    results, report = faults.run_chain(
+        url, TASKS, specs, agent="solo", num_cycles=1, timeout=600, log=lambda s: None
+    )
+    summary = [(r.spec, r.landed, r.error, r.violations) for r in results]
+    assert len(results) == 2, f"a kill was not delivered: {summary}"
+    for r in results:
+        assert r.survived, f"kill {r.spec} (landed: {r.landed}) broke the store: {r.error}"
+        assert r.verified > 0
+    assert report["completed"], report["violations"]
+    final = report["final"]
+    assert final["iterations"] == {t: 1 for t in TASKS}
+    if specs[1].phase == "tmp":  # the kill really landed inside a write: its temp file is left
+        assert results[1].leftovers["tmp_files"] >= 1, results[1]
+
+
+def test_kill_inside_store_create_does_not_block_the_restart(tmp_path):
+    from mu2net.evolution.config import EvolutionConfig
+    from mu2net.evolution.main import open_or_create
+    from mu2net.train.testing import FAMILY_NAME
+
+    url = tmp_path / "store"
+    url.mkdir()
+    (url / "mu2net-store.json.tmp-0123456789abcdef").write_bytes(b'{"format": "mu2n')
+    cfg = EvolutionConfig(family=FAMILY_NAME, root_hparams={"ds_image_size": 4})
+    store = open_or_create(str(url), cfg)
+    assert store.load().roots()
