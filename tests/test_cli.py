@@ -261,7 +261,7 @@ def test_end_to_end_init_add_task_evolve_status_eval(tmp_path):
     best = store.load().best_path(task)
     assert best.metrics["task_iterations"] == 1 and best.family == "vit"
     assert best.hparams["ds_image_size"] == 16 and best.hparams["num_layers"] == 1
-    records = [r for r in store.history() if r["task"] == task]
+    records = [r for r in store.history() if r.get("task") == task]
     assert [r.get("event") for r in records] == [None, None, "task_iteration"]
 
     out = mu2net("status", "--store", url)
