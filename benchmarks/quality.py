@@ -1,0 +1,497 @@
+"""Quality benchmark: the evolved system vs baselines at the same per-task budget.
+
+From one pretrained root (EfficientNet-Lite0 at 64 px, ``gin/experiments/default.gin``; or
+MiniLM-L6 with ``--text``) on the bundled real tasks, per seed:
+
+* ``evolved``: the tasks are added to the live mixture **one at a time** and evolved with
+  :class:`mu2net.evolution.loop.Evolver` after each addition (one task iteration each, as the
+  default run does). After each addition the store is re-read from disk and every earlier task's
+  test predictions are compared with the ones it had before: **immunity** (changed count must be 0).
+* ``alone`` (transfer check): the last task (``--transfer_tasks all``: every task after the
+  first) evolved in a fresh system holding only the root, same config and seed; ``evolved``
+  minus ``alone`` is what the earlier tasks' paths contributed.
+* baselines through :func:`mu2net.evolution.baselines.run_baseline` (same trainer; the
+  reference's budget of V x cycles x generations validation intervals): ``finetune_all``,
+  ``freeze_bottom_K``, ``adapters_D``, ``linear_probe``.
+* ``scratch_vit``: a random-init small ViT (``vit`` family) fully trained with the fine-tune
+  budget, i.e. what an independent per-task model gets.
+
+Printed: one table (test accuracy mean±std over seeds per task, average, accounted params per
+task, params added to the system over the root, training examples per task, wall time).
+Written: ``benchmarks/quality.json`` (``--text``: ``quality_text.json``) shaped
+``{method: {task: {"mean", "std", "runs"}, ...}, ..., "_meta": {...}}``; ``evolution/demo.py``
+reads ``["finetune_all"][task]["mean"]``.
+
+Usage::
+
+    python benchmarks/quality.py                  # full image suite (see README for the time)
+    python benchmarks/quality.py --quick          # tiny budget, 2 tasks, 1 seed: a smoke test
+    python benchmarks/quality.py --text           # rotten_tomatoes + debates2016 on MiniLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+IMAGE_TASKS = ("mu2net:digits", "mu2net:mnist5k", "mu2net:animal_mnist", "mu2net:lfw_faces")
+TEXT_TASKS = ("mu2net:rotten_tomatoes", "mu2net:debates2016")
+# A small ViT from scratch: 4 layers, width 128, patch 8 at 64 px (65 tokens).
+SCRATCH_VIT = {
+    "vit_size": "test",
+    "vit_hidden": 128,
+    "vit_mlp_dim": 256,
+    "vit_heads": 4,
+    "vit_patch": 8,
+    "num_layers": 4,
+    "ds_image_size": 64,
+}
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so stdout holds only the table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config(gin_file: str, bindings: list[str], seed: int):
+    from mu2net.evolution.config import EvolutionConfig
+
+    common.parse_gin([gin_file], bindings)
+    cfg = EvolutionConfig()
+    cfg.seed = seed
+    return cfg
+
+
+def _candidate_examples(cfg, task: str, candidates: int) -> int:
+    from mu2net.evolution import data as evo_data
+    from mu2net.tasks import data as task_data
+
+    n = int(task_data.task_info(task).split_sizes["train"])
+    s = evo_data.steps_between_validations(
+        n, cfg.train_examples_between_validations, cfg.batch_size
+    )
+    return candidates * s * cfg.num_validations * cfg.batch_size
+
+
+def evolve_incremental(tasks, cfg, workdir: str) -> dict[str, Any]:
+    """Adds tasks one by one, evolving each; checks earlier tasks' predictions after each."""
+    from mu2net.evolution.evaluation import evaluate_path
+    from mu2net.evolution.live import add_tasks_to_store
+    from mu2net.evolution.loop import Evolver
+    from mu2net.evolution.main import open_or_create
+    from mu2net.system.store import Store
+
+    url = os.path.join(workdir, "evolved")
+    store = open_or_create(url, cfg)
+    preds: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {"tasks": {}, "immunity": []}
+    for i, task in enumerate(tasks):
+        add_tasks_to_store(store, [task])
+        t0 = time.time()
+        summaries = Evolver(store, cfg, progress=False, log=log).run()
+        wall = time.time() - t0
+        system = Store.open(url).load()  # fresh read from disk, as a serving process would
+        for earlier in tasks[:i]:
+            _, p, _ = evaluate_path(system, earlier)
+            out["immunity"].append(
+                {
+                    "added": task,
+                    "task": earlier,
+                    "examples": int(len(p)),
+                    "changed": int(np.sum(p != preds[earlier])),
+                }
+            )
+        acc, preds[task], _ = evaluate_path(system, task)
+        cands = sum(s["candidates"] for s in summaries if s["task"] == task)
+        out["tasks"][task] = {
+            "test": acc,
+            "seconds": wall,
+            "examples": _candidate_examples(cfg, task, cands),
+        }
+    system = Store.open(url).load()
+    root = [r for r in system.roots() if r.family == cfg.family][0]
+    root_params = system.path_params(root)
+    for task in tasks:
+        path = system.best_path(task)
+        out["tasks"][task]["accounted_params"] = system.accounted_params(path)
+        out["tasks"][task]["path_params"] = system.path_params(path)
+        out["tasks"][task]["test_recorded"] = path.metrics.get("test_quality")
+    out["added_params"] = system.total_params() - root_params
+    out["root_params"] = root_params
+    out["system"] = system
+    return out
+
+
+def evolve_alone(task: str, cfg, workdir: str) -> dict[str, Any]:
+    """``task`` evolved in a system that holds only the root (no transfer from other tasks)."""
+    from mu2net.evolution.live import add_tasks_to_store
+    from mu2net.evolution.loop import Evolver
+    from mu2net.evolution.main import open_or_create
+
+    url = os.path.join(workdir, "alone_" + task.replace(":", "_"))
+    store = open_or_create(url, cfg)
+    add_tasks_to_store(store, [task])
+    t0 = time.time()
+    Evolver(store, cfg, progress=False, log=log).run()
+    system = store.load()
+    path = system.best_path(task)
+    cands = len([h for h in store.history() if h.get("task") == task and "path" in h])
+    return {
+        "test": path.metrics["test_quality"],
+        "seconds": time.time() - t0,
+        "examples": _candidate_examples(cfg, task, cands),
+        "accounted_params": system.accounted_params(path),
+    }
+
+
+def baselines(system, cfg, tasks, kinds, seed: int) -> dict[str, dict[str, Any]]:
+    """Runs every baseline kind on every task; params accounted as if the tasks shared the root."""
+    from mu2net.evolution.baselines import run_baseline
+
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        res = {}
+        for task in tasks:
+            r = run_baseline(system, cfg, task, kind, seed=seed)
+            frozen = r.path_params - r.trainable_params
+            res[task] = {
+                "test": r.test,
+                "seconds": r.seconds,
+                "examples": r.examples,
+                "trainable_params": r.trainable_params,
+                "path_params": r.path_params,
+                "accounted_params": r.trainable_params + frozen / len(tasks),
+            }
+            log(f"  {kind:>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s, {r.examples} ex)")
+        res["_added_params"] = sum(v["trainable_params"] for v in res.values())
+        out[kind.replace(":", "_")] = res
+    return out
+
+
+def scratch(tasks, cfg, seed: int, workdir: str) -> dict[str, Any]:
+    """A random-init small ViT per task trained fully with the fine-tune-all budget."""
+    import dataclasses
+
+    from mu2net.evolution.baselines import run_baseline
+    from mu2net.evolution.main import open_or_create
+
+    vcfg = dataclasses.replace(
+        cfg,
+        family="vit",
+        pretrained=False,
+        checkpoint="",
+        root_hparams=dict(SCRATCH_VIT),
+        defaults={**cfg.defaults, "ds_image_size": 64, "opt_lr": 0.05},
+    )
+    store = open_or_create(os.path.join(workdir, "scratch_vit"), vcfg)
+    system = store.load()
+    res = {}
+    for task in tasks:
+        r = run_baseline(system, vcfg, task, "finetune_all", seed=seed)
+        res[task] = {
+            "test": r.test,
+            "seconds": r.seconds,
+            "examples": r.examples,
+            "trainable_params": r.trainable_params,
+            "path_params": r.path_params,
+            "accounted_params": r.path_params,
+        }
+        log(f"  {'scratch_vit':>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s)")
+    res["_added_params"] = sum(v["path_params"] for v in res.values())
+    return {"scratch_vit": res}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All methods x seeds; returns the JSON document."""
+    tasks = (
+        list(args.tasks.split(","))
+        if args.tasks
+        else list(TEXT_TASKS if args.text else IMAGE_TASKS)
+    )
+    gin_file = "experiments/text_minilm.gin" if args.text else common.DEFAULT_GIN
+    bindings = list(args.gin_bindings)
+    if args.quick:
+        tasks = tasks[:2]
+        bindings += [
+            "EvolutionConfig.train_examples_between_validations = 64",
+            "EvolutionConfig.validation_examples = 64",
+        ]
+    kinds = (
+        args.baselines.split(",")
+        if args.baselines
+        else (
+            ["finetune_all", "freeze_bottom:4", "adapters:16", "linear_probe"]
+            if args.text
+            else ["finetune_all", "freeze_bottom:12", "adapters:16", "linear_probe"]
+        )
+    )
+    meta = common.machine()
+    meta.update(
+        tasks=tasks,
+        gin_file=gin_file,
+        gin_bindings=bindings,
+        seeds=args.seeds,
+        baselines=kinds,
+        transfer_seeds=args.transfer_seeds,
+    )
+    runs: dict[str, dict[str, list]] = {}  # method -> task -> [per-seed record]
+    immunity, t_start = [], time.time()
+
+    def add(method: str, task: str, rec: Any) -> None:
+        if isinstance(rec, dict):
+            rec = {**rec, "seed": seed}
+        runs.setdefault(method, {}).setdefault(task, []).append(rec)
+
+    parts = set(args.parts.split(","))
+
+    def checkpoint() -> None:
+        # Partial results survive a kill: the document is rewritten after every method.
+        meta["seconds"] = time.time() - t_start
+        meta["load_average_end"] = common.load_average()
+        if args.checkpoint and runs:
+            common.write_json(args.checkpoint, _document(runs, tasks, immunity, meta))
+
+    for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+        cfg = _config(gin_file, bindings, seed)
+        meta["config"] = {k: v for k, v in vars(cfg).items()}
+        workdir = tempfile.mkdtemp(prefix=f"mu2net_quality_s{seed}_")
+        try:
+            if "evolved" in parts:
+                log(f"seed {seed}: evolving {tasks} one by one")
+                evo = evolve_incremental(tasks, cfg, workdir)
+                for task, rec in evo["tasks"].items():
+                    add("evolved", task, rec)
+                    log(f"  {'evolved':>16} {task}: test {rec['test']:.4f} ({rec['seconds']:.0f}s)")
+                add("evolved", "_added_params", evo["added_params"])
+                meta["root_params"] = evo["root_params"]
+                immunity += [{**r, "seed": seed} for r in evo["immunity"]]
+                system = evo["system"]
+                checkpoint()
+            else:
+                from mu2net.evolution.main import open_or_create
+
+                system = open_or_create(os.path.join(workdir, "root_only"), cfg).load()
+            if "alone" in parts and seed - args.seed_offset < args.transfer_seeds:
+                alone = tasks[1:] if args.transfer_tasks == "all" else tasks[-1:]
+                for task in alone:
+                    rec = evolve_alone(task, cfg, workdir)
+                    add("alone", task, rec)
+                    log(f"  {'alone':>16} {task}: test {rec['test']:.4f}")
+                checkpoint()
+            if "baselines" in parts:
+                for kind in kinds:
+                    for method, res in baselines(system, cfg, tasks, [kind], seed).items():
+                        for task, rec in res.items():
+                            add(method, task, rec)
+                    checkpoint()
+            if "scratch" in parts and not args.text:
+                for method, res in scratch(tasks, cfg, seed, workdir).items():
+                    for task, rec in res.items():
+                        add(method, task, rec)
+                checkpoint()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta["seconds"] = time.time() - t_start
+    meta["load_average_end"] = common.load_average()
+    return _document(runs, tasks, immunity, meta)
+
+
+def merge(paths: list[str]) -> dict[str, Any]:
+    """One document from several runs' JSON files (e.g. seeds run in parallel processes)."""
+    import json
+
+    runs: dict[str, dict[str, list]] = {}
+    immunity, meta = [], None
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        for method, per_task in doc["_raw"]["runs"].items():
+            for task, recs in per_task.items():
+                runs.setdefault(method, {}).setdefault(task, []).extend(recs)
+        immunity += doc["_raw"]["immunity"]
+        if meta is None:
+            meta = dict(doc["_meta"])
+            meta["merged_from"] = []
+        meta["merged_from"].append(
+            {
+                "file": path,
+                "seconds": doc["_meta"]["seconds"],
+                "load_average_start": doc["_meta"]["load_average_start"],
+                "load_average_end": doc["_meta"]["load_average_end"],
+            }
+        )
+    meta["seeds"] = sorted(
+        {
+            r["seed"]
+            for per in runs.values()
+            for recs in per.values()
+            for r in recs
+            if isinstance(r, dict)
+        }
+    )
+    meta["load_average_end"] = max(m["load_average_end"] for m in meta["merged_from"])
+    return _document(runs, meta["tasks"], immunity, meta)
+
+
+def _document(runs, tasks, immunity, meta) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for method, per_task in runs.items():
+        entry: dict[str, Any] = {}
+        for task in tasks:
+            recs = per_task.get(task, [])
+            if not recs:
+                continue
+            entry[task] = common.mean_std([r["test"] for r in recs])
+            for key in ("accounted_params", "seconds", "examples"):
+                entry[task][key] = common.mean_std([r.get(key) for r in recs])["mean"]
+        if entry:
+            entry["average"] = common.mean_std(
+                [
+                    np.mean([per_task[t][i]["test"] for t in tasks if t in per_task])
+                    for i in range(min(len(per_task[t]) for t in tasks if t in per_task))
+                ]
+            )
+            # Inside "average" so every value of a method is a {"mean", ...} dict (demo.py).
+            added = common.mean_std(per_task.get("_added_params", []))["mean"]
+            entry["average"]["added_params"] = added
+        doc[method] = entry
+    doc["_immunity"] = {
+        "changed_predictions": int(sum(r["changed"] for r in immunity)),
+        "checks": immunity,
+    }
+    if "alone" in runs and "evolved" in runs:
+        doc["_transfer"] = {}
+        for t, recs in runs["alone"].items():
+            if t.startswith("_"):
+                continue
+            seeds = [r["seed"] for r in recs]
+            evo = {r["seed"]: r["test"] for r in runs["evolved"][t]}
+            doc["_transfer"][t] = {
+                "seeds": seeds,
+                "with_earlier_tasks": [evo[sd] for sd in seeds],
+                "alone": [r["test"] for r in recs],
+            }
+    doc["_meta"] = meta
+    doc["_raw"] = {"runs": runs, "immunity": immunity}
+    return doc
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    """The one table: methods x (tasks, average, params, examples, time)."""
+    tasks = doc["_meta"]["tasks"]
+    short = [t.split(":")[-1] for t in tasks]
+    headers = [
+        "method",
+        *short,
+        "average",
+        "acct params/task",
+        "params added",
+        "train ex/task",
+        "s/task",
+    ]
+    rows = []
+    for method, entry in doc.items():
+        if method.startswith("_"):
+            continue
+        per = [entry[t] for t in tasks if t in entry]
+        acct = np.mean([e["accounted_params"] for e in per]) if per else float("nan")
+        ex = np.mean([e["examples"] for e in per if e.get("examples")] or [float("nan")])
+        sec = np.mean([e["seconds"] for e in per])
+        added = entry["average"].get("added_params")
+        rows.append(
+            [
+                method,
+                *[common.pm(entry[t]) if t in entry else "-" for t in tasks],
+                common.pm(entry["average"]),
+                f"{acct:,.0f}",
+                f"{added:,.0f}" if added is not None else "-",
+                f"{ex:,.0f}" if np.isfinite(ex) else "-",
+                f"{sec:.0f}",
+            ]
+        )
+    print(common.table(headers, rows))
+    imm = doc["_immunity"]
+    seeds = doc["_meta"]["seeds"]
+    print(
+        f"\nimmunity: {imm['changed_predictions']} changed test predictions of earlier tasks "
+        f"over {len(imm['checks'])} checks ({sum(c['examples'] for c in imm['checks'])} "
+        f"predictions); seeds={seeds}; mean±std over seeds; 'alone' = evolved without the "
+        f"earlier tasks (transfer: evolved - alone); load avg "
+        f"{doc['_meta']['load_average_start'][0]:.1f}->{doc['_meta']['load_average_end'][0]:.1f}"
+    )
+
+
+def _print_transfer(doc: dict[str, Any]) -> None:
+    for t, tr in doc.get("_transfer", {}).items():
+        w, a = np.mean(tr["with_earlier_tasks"]), np.mean(tr["alone"])
+        print(
+            f"transfer {t}: evolved after the earlier tasks {w:.4f} vs alone {a:.4f} "
+            f"(delta {w - a:+.4f}, seeds {tr['seeds']})"
+        )
+
+
+def main(argv=None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seed_offset", type=int, default=0, help="first seed (parallel runs)")
+    p.add_argument("--merge", nargs="+", default=None, help="merge these JSON files and print")
+    p.add_argument(
+        "--transfer_seeds",
+        type=int,
+        default=1,
+        help="seeds for which the 'alone' (no earlier tasks) runs are done",
+    )
+    p.add_argument(
+        "--transfer_tasks",
+        choices=("last", "all"),
+        default="last",
+        help="which tasks get an 'alone' run: the last added (default) or every later one",
+    )
+    p.add_argument("--tasks", default="", help="comma-separated tasks (default: the suite)")
+    p.add_argument("--baselines", default="", help="comma-separated baseline kinds")
+    p.add_argument("--text", action="store_true", help="text suite on the MiniLM root")
+    p.add_argument("--quick", action="store_true", help="tiny budget and 2 tasks (smoke test)")
+    p.add_argument(
+        "--parts",
+        default="evolved,alone,baselines,scratch",
+        help="comma-separated parts to run (split them over processes, then --merge)",
+    )
+    p.add_argument(
+        "--checkpoint", default="", help="rewrite benchmarks/<NAME>.json after every method"
+    )
+    p.add_argument(
+        "--gin_bindings",
+        action="append",
+        default=[],
+        help="extra gin bindings, e.g. EvolutionConfig.num_cycles=2",
+    )
+    p.add_argument("--out", default="", help="JSON name (default quality / quality_text)")
+    args = p.parse_args(argv)
+    import mu2net.models.vit  # noqa: F401  (registers the families)
+    import mu2net.tasks  # noqa: F401
+
+    doc = merge(args.merge) if args.merge else run(args)
+    name = args.out or ("quality_text" if args.text else "quality")
+    if args.quick and not args.out:
+        name += "_quick"
+    path = common.write_json(name, doc)
+    print_table(doc)
+    _print_transfer(doc)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
