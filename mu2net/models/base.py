@@ -70,6 +70,29 @@ def _dtype(x: Any) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+def check_checkpoint_keys(
+    state_dict: Mapping[str, Any],
+    expected: Mapping[str, tuple[int, ...]],
+    source: str,
+    ignore: Any = lambda key: False,
+) -> None:
+    """Raises :class:`FamilyError` naming ``source`` and the first bad checkpoint key.
+
+    A mis-shaped tensor is reported before a missing one (the more specific diagnosis), then
+    unexpected keys (those ``ignore(key)`` does not excuse).
+    """
+    for key, shape in expected.items():
+        got = tuple(np.shape(state_dict[key])) if key in state_dict else shape
+        if got != shape:
+            raise FamilyError(f"{source}: key {key!r} has shape {got}, expected {shape}")
+    for key, shape in expected.items():
+        if key not in state_dict:
+            raise FamilyError(f"{source}: missing key {key!r} (expected shape {shape})")
+    extra = [k for k in state_dict if k not in expected and not ignore(k)]
+    if extra:
+        raise FamilyError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected)")
+
+
 class Family(abc.ABC):
     """A model family: components <-> a flax module.
 

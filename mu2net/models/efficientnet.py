@@ -38,6 +38,7 @@ from mu2net.models.base import (
     FamilyError,
     Params,
     ParamsByComponent,
+    check_checkpoint_keys,
     parse_adapter_layers,
     register_family,
 )
@@ -339,17 +340,7 @@ def components_from_state_dict(
             wrong shape.
     """
     expected = _expected_torch_shapes()
-    # Shapes of present keys first: a mis-shaped tensor is the more specific diagnosis.
-    for key, shape in expected.items():
-        got = tuple(np.shape(state_dict[key])) if key in state_dict else shape
-        if got != shape:
-            raise FamilyError(f"{source}: key {key!r} has shape {got}, expected {shape}")
-    for key, shape in expected.items():
-        if key not in state_dict:
-            raise FamilyError(f"{source}: missing key {key!r} (expected shape {shape})")
-    extra = [k for k in state_dict if k not in expected and not k.endswith("num_batches_tracked")]
-    if extra:
-        raise FamilyError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected)")
+    check_checkpoint_keys(state_dict, expected, source, lambda k: k.endswith("num_batches_tracked"))
     sd = {k: np.asarray(v, np.float64) for k, v in state_dict.items() if k in expected}
 
     def fold(conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
