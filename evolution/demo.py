@@ -34,12 +34,12 @@ def run_demo(store_url: str, fresh: bool = False, progress: bool = True) -> list
     import argparse
 
     from mu2net import gin_utils
-    from mu2net.cli import table
     from mu2net.evolution.baselines import run_baseline
     from mu2net.evolution.config import EvolutionConfig
     from mu2net.evolution.live import add_tasks_to_store
     from mu2net.evolution.loop import Evolver
     from mu2net.evolution.main import open_or_create
+    from mu2net.text_table import table
 
     if fresh and os.path.exists(store_url):
         shutil.rmtree(store_url)

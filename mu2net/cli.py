@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mu2net.text_table import table
+
 DEFAULT_EXPERIMENT = "experiments/default.gin"
 
 
@@ -199,19 +201,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = (
-        [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        if rows
-        else [len(h) for h in header]
-    )
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [line.format(*header), line.format(*["-" * w for w in widths])]
-    out += [line.format(*map(str, r)) for r in rows]
-    return "\n".join(out)
-
-
 def _fmt(x) -> str:
     return "-" if x is None else f"{float(x):.4f}"
 
