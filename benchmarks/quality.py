@@ -156,14 +156,29 @@ def evolve_alone(task: str, cfg, workdir: str) -> dict[str, Any]:
 
 
 def baselines(system, cfg, tasks, kinds, seed: int) -> dict[str, dict[str, Any]]:
-    """Runs every baseline kind on every task; params accounted as if the tasks shared the root."""
+    """Runs every baseline kind on every task; params accounted as if the tasks shared the root.
+
+    A kind ending in ``@same_examples`` trains ``candidates_per_generation`` times longer, so it
+    processes as many training examples as the evolved task iteration (the reference's budget
+    equalises per-device time instead: its candidates train in parallel).
+    """
+    import dataclasses
+
     from mu2net.evolution.baselines import run_baseline
 
     out: dict[str, dict[str, Any]] = {}
     for kind in kinds:
         res = {}
+        base_kind, _, variant = kind.partition("@")
+        kcfg = cfg
+        if variant == "same_examples":
+            kcfg = dataclasses.replace(
+                cfg, num_validations=cfg.num_validations * cfg.candidates_per_generation
+            )
+        elif variant:
+            raise ValueError(f"unknown baseline variant {variant!r} in {kind!r}")
         for task in tasks:
-            r = run_baseline(system, cfg, task, kind, seed=seed)
+            r = run_baseline(system, kcfg, task, base_kind, seed=seed)
             frozen = r.path_params - r.trainable_params
             res[task] = {
                 "test": r.test,
@@ -175,7 +190,7 @@ def baselines(system, cfg, tasks, kinds, seed: int) -> dict[str, dict[str, Any]]
             }
             log(f"  {kind:>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s, {r.examples} ex)")
         res["_added_params"] = sum(v["trainable_params"] for v in res.values())
-        out[kind.replace(":", "_")] = res
+        out[kind.replace(":", "_").replace("@", "_")] = res
     return out
 
 
@@ -231,9 +246,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.baselines.split(",")
         if args.baselines
         else (
-            ["finetune_all", "freeze_bottom:4", "adapters:16", "linear_probe"]
+            ["finetune_all", "finetune_all@same_examples", "freeze_bottom:4", "adapters:16"]
+            + ["linear_probe"]
             if args.text
-            else ["finetune_all", "freeze_bottom:12", "adapters:16", "linear_probe"]
+            else ["finetune_all", "finetune_all@same_examples", "freeze_bottom:12"]
+            + ["adapters:16", "linear_probe"]
         )
     )
     meta = common.machine()
@@ -271,9 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"seed {seed}: evolving {tasks} one by one")
                 evo = evolve_incremental(tasks, cfg, workdir)
                 for task, rec in evo["tasks"].items():
-                    add("evolved", task, rec)
-                    log(f"  {'evolved':>16} {task}: test {rec['test']:.4f} ({rec['seconds']:.0f}s)")
-                add("evolved", "_added_params", evo["added_params"])
+                    add(args.evolved_label, task, rec)
+                    log(f"  {args.evolved_label:>16} {task}: test {rec['test']:.4f}")
+                add(args.evolved_label, "_added_params", evo["added_params"])
                 meta["root_params"] = evo["root_params"]
                 immunity += [{**r, "seed": seed} for r in evo["immunity"]]
                 system = evo["system"]
@@ -476,6 +493,11 @@ def main(argv=None) -> int:
         action="append",
         default=[],
         help="extra gin bindings, e.g. EvolutionConfig.num_cycles=2",
+    )
+    p.add_argument(
+        "--evolved_label",
+        default="evolved",
+        help="row name of the evolved system (e.g. for a variant run with --gin_bindings)",
     )
     p.add_argument("--out", default="", help="JSON name (default quality / quality_text)")
     args = p.parse_args(argv)

@@ -52,6 +52,8 @@ class EvolutionConfig:
       test_eval: evaluate new best paths on the test split.
       prefix_cache: reuse the activations of frozen bottom stages within a generation when
         the input pipeline is deterministic (see ``mu2net.evolution.prefix``).
+      suffix_executables: one compiled train step per lowest trainable component, shared by
+        every clone set above it (see ``TrainConfig.suffix_executable``).
       seed: master seed (same seed and config => same system on CPU).
     """
 
@@ -83,6 +85,7 @@ class EvolutionConfig:
     linear_probe_seeding: bool = False
     test_eval: bool = True
     prefix_cache: bool = True
+    suffix_executables: bool = True
     seed: int = 0
 
     def search_space(self) -> dict[str, list]:

@@ -339,6 +339,7 @@ class Evolver:
             steps_between_validations=steps_between,
             num_validations=cfg.num_validations,
             seed=int(rng.integers(2**31)),
+            suffix_executable=cfg.suffix_executables,
         )
         train_family, frozen, batches, val_batches = suffix_plan(
             generation.prefix, family, path.hparams, path.components, child.trainable,

@@ -20,6 +20,7 @@ from mu2net.train import (
     testing,
     train_candidate,
 )
+from mu2net.train import steps as steps_lib
 from mu2net.train.steps import cross_entropy
 
 FAM = testing.FAMILY
@@ -323,3 +324,61 @@ def test_tensorboard_metrics_written(setup, tmp_path):
     assert r.improved
     files = list(tmp_path.rglob("events.out.tfevents*"))
     assert files and files[0].stat().st_size > 0
+
+
+def test_suffix_executable_shares_one_compile_and_matches_exact_training(setup):
+    """Clone sets above the same lowest component share an executable; the maths is unchanged."""
+    params, data, val = setup
+    base = dict(batch_size=16, steps_between_validations=4, num_validations=2, momentum_dtype=None)
+    exact_cfg = TrainConfig(**base)
+    suffix_cfg = TrainConfig(**base, suffix_executable=True)
+    cache = CompileCache(persistent=False)
+
+    def run(trainable, cfg, cache):
+        tr, fr = split_path(params, trainable)
+        return train_candidate(
+            family=FAM, hparams=HP, trainable=tr, frozen=fr,
+            train_batches=testing.batches(data, 16), validation_batches=val,
+            config=cfg, progress=False, cache=cache,
+        )  # fmt: skip
+
+    gapped = run(["dense_0", "head"], suffix_cfg, cache)  # dense_1 frozen in between
+    run(["dense_0", "dense_1", "head"], suffix_cfg, cache)
+    assert cache.stats.compiles_by_kind["train"] == 1
+    exact_cache = CompileCache(persistent=False)
+    exact = run(["dense_0", "head"], exact_cfg, exact_cache)
+    run(["dense_0", "dense_1", "head"], exact_cfg, exact_cache)
+    assert exact_cache.stats.compiles_by_kind["train"] == 2
+
+    # Only the real trainable components come back, trained as without the mask.
+    assert set(gapped.best_trainable) == set(gapped.best_momentum) == {"dense_0", "head"}
+    assert gapped.trainable_params == exact.trainable_params
+    assert gapped.evals == pytest.approx(exact.evals, abs=1e-6)
+    for name in ("dense_0", "head"):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_allclose(
+                gapped.best_trainable[name][leaf], exact.best_trainable[name][leaf], atol=1e-5
+            )
+            np.testing.assert_allclose(
+                gapped.best_momentum[name][leaf], exact.best_momentum[name][leaf], atol=1e-5
+            )
+
+
+def test_masked_step_returns_frozen_components_bit_identical(setup):
+    """A masked component and its momentum come back untouched while the others train."""
+    params, data, _ = setup
+    tx = optim.make_optimizer(1.0, None)
+    step = jax.jit(steps_lib.make_train_step(FAM, HP, tx, masked=True))
+    trainable = {n: params[n] for n in ("dense_0", "dense_1", "head")}
+    opt_state = tx.init(trainable)
+    mask = {"dense_0": np.float32(1), "dense_1": np.float32(0), "head": np.float32(1)}
+    batch = {"inputs": data["inputs"][:16], "targets": data["targets"][:16, 0]}
+    hp = np.array([0.1, 0.9, 0.0], np.float32)
+    for _ in range(3):
+        trainable, opt_state, _ = step(trainable, opt_state, {}, batch, hp, mask)
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_array_equal(
+            np.asarray(trainable["dense_1"][leaf]), params["dense_1"][leaf]
+        )
+        assert not np.any(np.asarray(optim.get_momentum(opt_state)["dense_1"][leaf]))
+    assert not np.array_equal(np.asarray(trainable["head"]["kernel"]), params["head"]["kernel"])

@@ -24,15 +24,33 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_train_step(family: Family, hparams: Mapping[str, Any], tx: optax.GradientTransformation):
-    """``step(trainable, opt_state, frozen, batch, hp) -> (trainable, opt_state, metrics)``.
+def _masked(tree: dict[str, Any], mask: dict[str, jax.Array], fallback: dict[str, Any] | None):
+    # where, not multiply: a masked component keeps its exact value even if its gradient is inf.
+    out = {}
+    for name, sub in tree.items():
+        keep = mask[name] > 0
+        other = jax.tree_util.tree_map(jnp.zeros_like, sub) if fallback is None else fallback[name]
+        out[name] = jax.tree_util.tree_map(lambda a, b, k=keep: jnp.where(k, a, b), sub, other)
+    return out
+
+
+def make_train_step(
+    family: Family,
+    hparams: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    masked: bool = False,
+):
+    """``step(trainable, opt_state, frozen, batch, hp[, mask]) -> (trainable, opt_state, metrics)``.
 
     ``hp`` is a float32 ``[3]`` array ``(learning_rate, momentum, nesterov)``: runtime values, so
     changing them never recompiles. ``batch`` holds ``inputs`` and integer ``targets`` ``[B]``.
+    With ``masked``, ``mask`` maps every component of ``trainable`` to a float32 scalar: where it
+    is 0 the gradient is zeroed before clipping (so it neither moves the global norm nor the
+    momentum, which stays 0) and the params are returned unchanged, bit for bit.
     """
     hparams = dict(hparams)
 
-    def step(trainable, opt_state, frozen, batch, hp):
+    def step(trainable, opt_state, frozen, batch, hp, mask=None):
         opt_state = set_runtime_hparams(opt_state, hp[0], hp[1], hp[2])
 
         def loss_fn(tr):
@@ -40,8 +58,11 @@ def make_train_step(family: Family, hparams: Mapping[str, Any], tx: optax.Gradie
             return cross_entropy(logits, batch["targets"]), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        if masked:
+            grads = _masked(grads, mask, None)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        new = optax.apply_updates(trainable, updates)
+        trainable = _masked(new, mask, trainable) if masked else new
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["targets"])
         return trainable, opt_state, {"loss": loss, "accuracy": accuracy}
 

@@ -49,6 +49,12 @@ class TrainConfig:
       seed: seeds data order and fresh components in the binaries (training is deterministic).
       clip_norm: global gradient-norm clip (reference: 1.0).
       momentum_dtype: momentum accumulator dtype (reference: bfloat16; None = params' dtype).
+      suffix_executable: compile one train step per lowest trainable component instead of
+        one per trainable set. Frozen components between the lowest trainable one and the
+        output are then differentiated too, with their gradient and update masked to zero at
+        run time (their params come back bit-identical), so candidates that clone different
+        components above the same lowest one share one executable. Trades their weight
+        gradients for a compile per distinct clone set (evolution turns it on).
     """
 
     batch_size: int = 32
@@ -57,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     clip_norm: float = 1.0
     momentum_dtype: str | None = "bfloat16"
+    suffix_executable: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -333,6 +340,22 @@ def restore_momentum(opt_state, trainable: Mapping, momentum: Mapping | None, dt
     return set_momentum(opt_state, restored), sorted(restored)
 
 
+def suffix_components(
+    family: Family, hparams: Mapping[str, Any], trainable: Iterable[str]
+) -> list[str]:
+    """Components from the lowest trainable one to the output, in the order they are applied.
+
+    The order is the family's stages when it has them, else ``component_names`` (for a family
+    whose names are not in application order the result is merely larger, never wrong: every
+    extra component is masked).
+    """
+    stages = family.stages(hparams)
+    order = [n for st in stages for n in st] if stages else list(family.component_names(hparams))
+    names = set(trainable)
+    first = min((i for i, n in enumerate(order) if n in names), default=0)
+    return order[first:] + sorted(names - set(order))
+
+
 def train_executable(
     family,
     hparams,
@@ -344,8 +367,13 @@ def train_executable(
     config,
     partitioner: Partitioner,
     cache: CompileCache,
+    mask=None,
 ):
-    """Compiled train step for this architecture signature (one per signature, ever)."""
+    """Compiled train step for this architecture signature (one per signature, ever).
+
+    With ``mask`` (component name -> 0/1 float32 scalar, see
+    :attr:`TrainConfig.suffix_executable`) the step takes it as a sixth, runtime argument.
+    """
     t_sh = partitioner.tree_shardings(trainable)
     o_sh = partitioner.tree_shardings(opt_state)
     f_sh = partitioner.tree_shardings(frozen)
@@ -360,14 +388,16 @@ def train_executable(
         float(config.clip_norm),
         str(config.momentum_dtype),
         partitioner.key,
+        mask is not None,
     )
     hp = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=partitioner.replicated)
+    masked = () if mask is None else (mask,)
     return cache.get(
         "train",
         key,
         lambda: jax.jit(
-            steps_lib.make_train_step(family, hparams, tx),
-            in_shardings=(t_sh, o_sh, f_sh, b_sh, partitioner.replicated),
+            steps_lib.make_train_step(family, hparams, tx, masked=mask is not None),
+            in_shardings=(t_sh, o_sh, f_sh, b_sh) + (partitioner.replicated,) * (1 + len(masked)),
             out_shardings=(t_sh, o_sh, partitioner.replicated),
             donate_argnums=(0, 1),
         ),
@@ -376,6 +406,7 @@ def train_executable(
         frozen,
         batch,
         hp,
+        *masked,
     )
 
 
@@ -444,8 +475,17 @@ def train_candidate(
     timings = dict.fromkeys(("data_s", "train_s", "eval_s"), 0.0)
 
     tx = make_optimizer(config.clip_norm, _acc_dtype(config))
-    trainable_dev = partitioner.put(dict(trainable), copy=True)
-    frozen_dev = partitioner.put(dict(frozen), copy=False)
+    mask, step_trainable, step_frozen = None, dict(trainable), dict(frozen)
+    if config.suffix_executable:
+        widened = suffix_components(family, hparams, trainable)
+        step_trainable = {n: trainable[n] if n in trainable else frozen[n] for n in widened}
+        step_frozen = {n: p for n, p in frozen.items() if n not in step_trainable}
+        mask = {
+            n: jax.device_put(np.float32(n in trainable), partitioner.replicated)
+            for n in step_trainable
+        }
+    trainable_dev = partitioner.put(step_trainable, copy=True)
+    frozen_dev = partitioner.put(step_frozen, copy=False)
     opt_state, restored = restore_momentum(
         tx.init(trainable_dev), trainable, momentum, _acc_dtype(config)
     )
@@ -473,7 +513,17 @@ def train_candidate(
         config,
         partitioner,
         cache,
+        mask,
     )
+    extra_args = () if mask is None else (mask,)
+
+    def snapshot(t, o):
+        # Masked (frozen) components are not part of the result: they never changed.
+        mom = get_momentum(o)
+        return (
+            to_host({n: v for n, v in t.items() if n in trainable}),
+            to_host({n: v for n, v in mom.items() if n in trainable}),
+        )
 
     bar = metrics_lib.progress_bar(s * v, f"train {family.name}", progress)
     interval, step, t_interval = [], 0, time.perf_counter()
@@ -485,7 +535,7 @@ def train_candidate(
         batch_dev = partitioner.shard_batch(batch)
         t1 = time.perf_counter()
         trainable_dev, opt_state, m = step_fn(
-            trainable_dev, opt_state, frozen_dev, batch_dev, runtime[step]
+            trainable_dev, opt_state, frozen_dev, batch_dev, runtime[step], *extra_args
         )
         # Check losses without stalling the pipeline: those already computed, and block only
         # when more than _MAX_INFLIGHT steps are queued (bounds device memory for batches).
@@ -519,7 +569,7 @@ def train_candidate(
             took = tracker.observe(
                 step,
                 quality,
-                lambda t=trainable_dev, o=opt_state: (to_host(t), to_host(get_momentum(o))),
+                lambda t=trainable_dev, o=opt_state: snapshot(t, o),
             )
             timings["eval_s"] += time.perf_counter() - t3
             metrics_lib.write_scalars(
