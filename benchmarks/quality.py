@@ -505,7 +505,8 @@ def main(argv=None) -> int:
     import mu2net.tasks  # noqa: F401
 
     doc = merge(args.merge) if args.merge else run(args)
-    name = args.out or ("quality_text" if args.text else "quality")
+    # A checkpointed part run ends in its own file; only a full run or a merge is the result.
+    name = args.out or args.checkpoint or ("quality_text" if args.text else "quality")
     if args.quick and not args.out:
         name += "_quick"
     path = common.write_json(name, doc)
