@@ -335,7 +335,10 @@ def merge(paths: list[str]) -> dict[str, Any]:
             doc = json.load(f)
         for method, per_task in doc["_raw"]["runs"].items():
             for task, recs in per_task.items():
-                runs.setdefault(method, {}).setdefault(task, []).extend(recs)
+                have = runs.setdefault(method, {}).setdefault(task, [])
+                seen = {r["seed"] for r in have if isinstance(r, dict)}
+                # A (method, task, seed) run in two files counts once: the first file wins.
+                have.extend(r for r in recs if not isinstance(r, dict) or r["seed"] not in seen)
         immunity += doc["_raw"]["immunity"]
         if meta is None:
             meta = dict(doc["_meta"])
