@@ -359,6 +359,9 @@ class Evolver:
             progress=False,
         )
         improved = bool(result.improved and not result.failed)
+        # Scored before a discarded child's components are dropped: with s < 1 the score
+        # charges the path's params, which needs them.
+        score = _num(self._score(path, result.quality))
         trainable_ids = [path.components[n] for n in child.trainable]
         if improved:
             for name, params in result.best_trainable.items():
@@ -392,7 +395,7 @@ class Evolver:
             "hparams": _jsonable(path.hparams),
             "trainable_params": int(result.trainable_params),
             "quality": _num(result.quality),
-            "score": _num(self._score(path, result.quality)),
+            "score": score,
             "evals": [list(map(float, e)) for e in result.evals],
             "improved": improved,
             "failed": bool(result.failed),

@@ -216,3 +216,24 @@ def test_add_task_while_continuous_service_runs(tmp_path):
     system = Store.open(url).load()
     assert system.best_path("mu2net:animal_halves") is not None
     _assert_same(first, _snapshot(system, "mu2net:lfw_faces"))
+
+
+def test_size_scaled_score_survives_discarded_candidates(tmp_path):
+    """With s < 1 the score needs the path's params, also for a candidate that is discarded."""
+    # Hardly any learning and a strict rule: children of the task's own path are discarded.
+    defaults = {**tiny_config().defaults, "opt_lr": 1e-7}
+    cfg = tiny_config(
+        scale=0.9,
+        strict_improvement=True,
+        space="none",
+        defaults=defaults,
+        samples_per_task_iteration=4,
+        train_examples_between_validations=64,
+    )
+    store = open_or_create(str(tmp_path / "sys"), cfg)
+    add_tasks_to_store(store, ["mu2net:lfw_faces"])
+    Evolver(store, cfg, progress=False).run()
+    history = [h for h in store.history() if "path" in h]
+    discarded = [h for h in history if not h["improved"]]
+    assert len(history) == 4 and discarded
+    assert all(0 < h["score"] < h["quality"] for h in discarded)  # s^(params/P) < 1
