@@ -3,7 +3,7 @@
     python benchmarks/generation.py [--tasks mu2net:digits,mu2net:mnist5k] [--samples 8]
 
 Runs the embedded default (``gin/experiments/default.gin``: EfficientNet-Lite0 at 64 px) with
-:class:`mu2net.evolution.loop.Evolver` twice, each in a fresh process with JAX's persistent
+:class:`mu2net.evolution.loop.Evolver` once per mode, each in a fresh process with JAX's persistent
 compile cache off (so every new executable really compiles), same seed and tasks:
 
 * ``per clone set``: ``EvolutionConfig.suffix_executables = False``: the train step is keyed
@@ -11,12 +11,15 @@ compile cache off (so every new executable really compiles), same seed and tasks
 * ``per lowest component``: ``True`` (the default): frozen components above the lowest
   trainable one are differentiated with a zero runtime mask, so every candidate whose lowest
   clone is in the same place (after frozen-prefix caching: the same suffix) reuses one step.
+* ``per lowest component without prefix cache`` (only with ``--modes``): also
+  ``EvolutionConfig.prefix_cache = False``, so every step of every candidate recomputes the
+  frozen prefix: the before/after of frozen-prefix caching.
 
 Columns, summed over every candidate of the run (from the store's history): candidates, train
 + eval compiles, compile seconds, training seconds (steps only), the compile share of the
 candidates' time, wall time of the evolution, and the average test accuracy of the tasks (the
 maths is the same, so accuracies should agree up to float rounding and the search decisions it
-may flip). Prints one table and writes ``benchmarks/generation.json``.
+may flip). Prints one table and writes ``benchmarks/generation.json`` (``--out`` to rename).
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-MODES = {"per clone set": False, "per lowest component": True}
+# mode -> (suffix_executables, prefix_cache)
+MODES = {
+    "per clone set": (False, True),
+    "per lowest component": (True, True),
+    "per lowest component without prefix cache": (True, False),
+}
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,6 +57,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     bindings = [
         f"EvolutionConfig.suffix_executables = {args.suffix}",
+        f"EvolutionConfig.prefix_cache = {args.prefix}",
         f"EvolutionConfig.samples_per_task_iteration = {args.samples}",
         f"EvolutionConfig.candidates_per_generation = {args.per_generation}",
     ]
@@ -88,15 +97,35 @@ def main(argv=None) -> int:
     p.add_argument("--per_generation", type=int, default=4, help="candidates per generation")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--suffix", default="True", help=argparse.SUPPRESS)
+    p.add_argument("--prefix", default="True", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--modes",
+        default="per clone set,per lowest component",
+        help=f"comma-separated subset of: {', '.join(MODES)}",
+    )
+    p.add_argument("--out", default="generation", help="JSON name")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
     doc: dict[str, Any] = {"_meta": common.machine()}
     doc["_meta"].update(tasks=args.tasks.split(","), samples=args.samples)
-    for mode, suffix in MODES.items():
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown modes {unknown}; choose from {list(MODES)}")
+    for mode in modes:
+        suffix, prefix = MODES[mode]
         print(f"running: {mode}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--worker", "--suffix", str(suffix)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--suffix",
+            str(suffix),
+            "--prefix",
+            str(prefix),
+        ]
         cmd += ["--tasks", args.tasks, "--samples", str(args.samples)]
         cmd += ["--per_generation", str(args.per_generation)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -118,12 +147,12 @@ def main(argv=None) -> int:
     ]
     headers = ["train step compiled", "cands", "compiles", "compile s", "train s", "compile share"]
     print(common.table([*headers, "wall s", "avg test"], rows))
-    a, b = doc["per clone set"], doc["per lowest component"]
+    a, b = doc[modes[0]], doc[modes[-1]]
     print(
-        f"\nwall ratio {a['wall_s'] / b['wall_s']:.2f}x; load avg "
+        f"\nwall ratio first/last mode {a['wall_s'] / b['wall_s']:.2f}x; load avg "
         f"{doc['_meta']['load_average_start'][0]:.1f}->{doc['_meta']['load_average_end'][0]:.1f}"
     )
-    common.write_json("generation", doc)
+    common.write_json(args.out, doc)
     return 0
 
 
