@@ -155,6 +155,18 @@ def evolve_alone(task: str, cfg, workdir: str) -> dict[str, Any]:
     }
 
 
+def _baseline_record(r, accounted_params: float) -> dict[str, Any]:
+    """The JSON record of one ``run_baseline`` result."""
+    return {
+        "test": r.test,
+        "seconds": r.seconds,
+        "examples": r.examples,
+        "trainable_params": r.trainable_params,
+        "path_params": r.path_params,
+        "accounted_params": accounted_params,
+    }
+
+
 def baselines(system, cfg, tasks, kinds, seed: int) -> dict[str, dict[str, Any]]:
     """Runs every baseline kind on every task; params accounted as if the tasks shared the root.
 
@@ -180,14 +192,7 @@ def baselines(system, cfg, tasks, kinds, seed: int) -> dict[str, dict[str, Any]]
         for task in tasks:
             r = run_baseline(system, kcfg, task, base_kind, seed=seed)
             frozen = r.path_params - r.trainable_params
-            res[task] = {
-                "test": r.test,
-                "seconds": r.seconds,
-                "examples": r.examples,
-                "trainable_params": r.trainable_params,
-                "path_params": r.path_params,
-                "accounted_params": r.trainable_params + frozen / len(tasks),
-            }
+            res[task] = _baseline_record(r, r.trainable_params + frozen / len(tasks))
             log(f"  {kind:>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s, {r.examples} ex)")
         res["_added_params"] = sum(v["trainable_params"] for v in res.values())
         out[kind.replace(":", "_").replace("@", "_")] = res
@@ -214,14 +219,7 @@ def scratch(tasks, cfg, seed: int, workdir: str) -> dict[str, Any]:
     res = {}
     for task in tasks:
         r = run_baseline(system, vcfg, task, "finetune_all", seed=seed)
-        res[task] = {
-            "test": r.test,
-            "seconds": r.seconds,
-            "examples": r.examples,
-            "trainable_params": r.trainable_params,
-            "path_params": r.path_params,
-            "accounted_params": r.path_params,
-        }
+        res[task] = _baseline_record(r, r.path_params)
         log(f"  {'scratch_vit':>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s)")
     res["_added_params"] = sum(v["path_params"] for v in res.values())
     return {"scratch_vit": res}
