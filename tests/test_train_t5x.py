@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from mu2net.train._gin import gin  # noqa: F401  (t5x imports gin: the real one, not gin/)
+
 pytest.importorskip("t5x")
 
 
@@ -21,3 +23,40 @@ def test_path_model_loss_predict_score():
     preds, aux = model.predict_batch_with_aux(params, data)
     assert preds.shape == (8,) and aux["logits"].shape == (8, 3)
     assert np.allclose(model.score_batch(params, data), -np.log(3), atol=1e-5)
+
+
+def test_t5x_trainer_trains_a_path():
+    """t5x's own Trainer, partitioner and optimizer wrapper fit a path (loss and accuracy)."""
+    import optax
+    from t5x import optimizers, partitioning, utils
+    from t5x import trainer as t5x_trainer
+
+    from mu2net.train import t5x_plugin, testing
+
+    model = t5x_plugin.PathModel(
+        "test_mlp", {}, optimizers.wrap_optax_optimizer(optax.adam)(learning_rate=0.01)
+    )
+    data = testing.synthetic_data(64)
+    partitioner = partitioning.PjitPartitioner(num_partitions=1)
+    shapes = {k: v.shape for k, v in data.items()}
+    init = utils.TrainStateInitializer(
+        model.optimizer_def, model.get_initial_variables, shapes, partitioner
+    )
+    state = init.from_scratch(jax.random.PRNGKey(0))
+    trainer = t5x_trainer.Trainer(
+        model,
+        train_state=state,
+        partitioner=partitioner,
+        eval_names=[],
+        summary_dir=None,
+        train_state_axes=init.train_state_axes,
+        rng=jax.random.PRNGKey(1),
+        learning_rate_fn=lambda step: 0.01,
+        num_microbatches=None,
+    )
+    batches = testing.batches(data, 32)
+    first = {k: v.value for k, v in trainer.train(batches, num_steps=1).result().items()}
+    last = {k: v.value for k, v in trainer.train(batches, num_steps=40).result().items()}
+    assert int(trainer.train_state.step) == 41
+    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert last["accuracy"] > first["accuracy"], (first, last)

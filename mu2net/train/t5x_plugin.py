@@ -15,6 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import seqio
+
+# t5x imports gin: the real gin-config must be in sys.modules first (a source checkout's gin/
+# config folder would shadow it when running from the repository root).
+from mu2net.train._gin import gin  # noqa: F401
+
+# isort: split
 from t5x import models as t5x_models
 
 from mu2net.models.base import get_family
@@ -77,6 +83,24 @@ class PathModel(t5x_models.BaseModel):
         return jnp.take_along_axis(logp, _labels(batch["targets"])[:, None], -1)[:, 0]
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
-        """``{'params': {component: params}}`` from the family's init."""
+        """``{'params': {component: params}, 'params_axes': ...}`` from the family's init.
+
+        ``params_axes`` names no logical axis, so t5x's ``PjitPartitioner`` replicates every
+        param (mu2net components are small; shard them with your own rules if they are not).
+        """
         del input_shapes, input_types  # shapes follow from hparams
-        return {"params": self.family.init(rng, self.hparams)}
+        params = self.family.init(rng, self.hparams)
+        return {"params": params, "params_axes": _replicated_axes(params)}
+
+
+def _replicated_axes(params: Mapping[str, Any]) -> dict[str, Any]:
+    """flax ``AxisMetadata`` (all dims unnamed) for every leaf, keyed ``<name>_axes``."""
+    from flax.linen import partitioning as flax_partitioning
+
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            out[key] = _replicated_axes(value)
+        else:
+            out[f"{key}_axes"] = flax_partitioning.AxisMetadata(names=(None,) * jnp.ndim(value))
+    return out
