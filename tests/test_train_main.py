@@ -157,3 +157,29 @@ def test_real_task_glue(tmp_path, capsys):
     assert code == 0, io.err
     result = json.loads((out / "result.json").read_text())
     assert result["hparams"]["num_classes"] == 10 and result["test_accuracy"] is not None
+
+
+def test_includes_resolve_beside_a_runs_folder(tmp_path, monkeypatch):
+    # `mu2net demo` leaves runs/demo/ in the working directory; gin must still find the
+    # shipped runs/evolve.gin instead of crashing on the namespace package `runs`.
+    import argparse
+    import importlib
+
+    import mu2net.evolution.config  # noqa: F401  (registers EvolutionConfig)
+    from mu2net.gin_utils import parse_gin
+    from mu2net.train._gin import gin
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec("runs").origin is None  # the case gin-config trips on
+    gin.clear_config()
+    args = argparse.Namespace(
+        gin_file=["experiments/vit_ti0_quick.gin"], gin_bindings=[], gin_search_paths=""
+    )
+    try:
+        parse_gin(args, finalize=False)
+        assert gin.query_parameter("EvolutionConfig.family") == "vit"
+    finally:
+        gin.clear_config()

@@ -56,6 +56,8 @@ class Component:
     lineage: str | None = None
     locks: set[str] = dataclasses.field(default_factory=set)
     committed: bool = False
+    # The store's record of a committed component (shard, file, sha256): task indexes copy it.
+    record: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     _params: Any = dataclasses.field(default=None, repr=False)
     _momentum: Any = dataclasses.field(default=None, repr=False)
     _loader: Callable[[Component], tuple[Any, Any]] | None = dataclasses.field(
@@ -198,11 +200,15 @@ class System:
 
     # ----------------------------------------------------------------- loading and inference
     @classmethod
-    def load(cls, url: str, **kwargs: Any) -> System:
-        """The published system in the store at ``url`` (params read lazily)."""
+    def load(cls, url: str, task: str | None = None, **kwargs: Any) -> System:
+        """The published system in the store at ``url`` (params read lazily).
+
+        With ``task``, only that task's path (one index file read, for inference).
+        """
         from mu2net.system.store import Store
 
-        return Store.open(url).load(**kwargs)
+        store = Store.open(url)
+        return store.load_task(task, **kwargs) if task is not None else store.load(**kwargs)
 
     def predict(self, task: str, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
         """(labels, probabilities) of ``task``'s path on a preprocessed batch.

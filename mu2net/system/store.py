@@ -34,6 +34,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from mu2net.system import task_index
 from mu2net.system.names import validate_agent_name, validate_task_name
 from mu2net.system.state import Component, Path, System
 
@@ -246,13 +247,23 @@ class Store:
             )
         return dict(doc)
 
-    def read_manifest(self, agent: str, seq: int) -> dict[str, Any]:
-        """Reads and verifies one manifest (header, version, checksum)."""
-        path = self._manifest_path(agent, seq)
+    def _document(self, body: Mapping[str, Any]) -> bytes:
+        """``body`` wrapped with the store's header and its checksum (manifests, indexes)."""
+        doc = {"format": FORMAT, "version": VERSION, "sha256": _sha256(_canonical(body))}
+        return json.dumps({**doc, "body": body}, indent=1).encode()
+
+    def _read_document(self, path: str, kind: str) -> dict[str, Any]:
+        """The verified body of a file written by :meth:`_document` (``kind`` names it)."""
         doc = self._check_header(path, self._parse_json(path, self._get(path)))
         body = doc.get("body")
         if not isinstance(body, dict) or doc.get("sha256") != _sha256(_canonical(body)):
-            raise StoreError(f"{path}: manifest checksum mismatch (file corrupted)")
+            raise StoreError(f"{path}: {kind} checksum mismatch (file corrupted)")
+        return body
+
+    def read_manifest(self, agent: str, seq: int) -> dict[str, Any]:
+        """Reads and verifies one manifest (header, version, checksum)."""
+        path = self._manifest_path(agent, seq)
+        body = self._read_document(path, "manifest")
         if body.get("agent") != agent:
             raise StoreError(f"{path}: manifest of agent {body.get('agent')!r} in shard {agent!r}")
         return body
@@ -321,6 +332,15 @@ class Store:
                 c.params  # noqa: B018  (forces the read and checksum verification)
         return system
 
+    def load_task(self, task: str, on_corrupt: str = "raise") -> System:
+        """A system holding ``task``'s published path, for inference (params read lazily).
+
+        Reads the task's index (one small file, whatever the number of tasks) instead of every
+        shard's manifest; falls back to :meth:`load` for stores or commits without one.
+        Raises :class:`StoreError` if the task has no published path.
+        """
+        return task_index.load_task(self, task, on_corrupt=on_corrupt)
+
     def _component_from_record(self, agent: str, cid: str, rec: Mapping[str, Any]) -> Component:
         file = self._p("shards", agent, rec["file"])
 
@@ -343,6 +363,7 @@ class Store:
             agent=agent,
             lineage=rec.get("lineage"),
             committed=True,
+            record={**rec, "shard": agent},
             _loader=loader,
         )
 
@@ -379,6 +400,11 @@ class Store:
         validate_agent_name(agent)
         self.info()
         prev = self.latest_manifest(agent)
+        if prev and not self.fs.exists(task_index.indexed_marker(self, agent, prev["seq"])):
+            # The last commit crashed before its task indexes: write them now (readers fall
+            # back to the full load until then).
+            all_tasks = {p["task"] for p in prev["paths"]}
+            task_index.write_indexes(self, agent, prev, all_tasks, _records(system))
         seq = (prev["seq"] + 1) if prev else 0
         prev_components = dict(prev["components"]) if prev else {}
         used = {cid for p in system.paths.values() for cid in p.components.values()}
@@ -440,16 +466,19 @@ class Store:
             "counters": {k: v for k, v in system.counters.items() if k.startswith(agent + ":")},
             "history_files": history_files,
         }
-        doc = {
-            "format": FORMAT,
-            "version": VERSION,
-            "sha256": _sha256(_canonical(body)),
-            "body": body,
-        }
-        self._put(self._manifest_path(agent, seq), json.dumps(doc, indent=1).encode())
+        self._put(self._manifest_path(agent, seq), self._document(body))
         for c in written:
             c.committed = True
+            c.record = {**records[c.id], "shard": agent}
+        task_index.write_indexes(
+            self, agent, body, task_index.changed_tasks(prev, body), _records(system)
+        )
         return seq
+
+
+def _records(system: System) -> dict[str, dict[str, Any]]:
+    """Store records (file, sha256, shard) of the system's committed components, by id."""
+    return {cid: c.record for cid, c in system.components.items() if c.record is not None}
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -33,6 +33,29 @@ def _import_real_gin():
         sys.path[:] = saved
 
 
+def _tolerate_namespace_packages() -> None:
+    """Makes gin's package-resource lookup skip plain folders instead of crashing.
+
+    For an include such as ``runs/evolve.gin`` gin asks importlib for a package ``runs``; a
+    plain ``runs/`` folder in the working directory (where ``mu2net demo`` keeps its store) is a
+    namespace package with no origin, and gin-config 0.5 then raises TypeError instead of trying
+    the next search path.
+    """
+    from gin import config, resource_reader
+
+    def exists(path: str) -> bool:
+        try:
+            return resource_reader.system_path_file_exists(path)
+        except TypeError:
+            return False
+
+    config._FILE_READERS[:] = [
+        (reader, exists if check is resource_reader.system_path_file_exists else check)
+        for reader, check in config._FILE_READERS
+    ]
+
+
 gin = _import_real_gin()
+_tolerate_namespace_packages()
 
 __all__ = ["gin"]

@@ -94,7 +94,7 @@ class PathModel(t5x_models.BaseModel):
 
 
 def _replicated_axes(params: Mapping[str, Any]) -> dict[str, Any]:
-    """flax ``AxisMetadata`` (all dims unnamed) for every leaf, keyed ``<name>_axes``."""
+    """Flax ``AxisMetadata`` (all dims unnamed) for every leaf, keyed ``<name>_axes``."""
     from flax.linen import partitioning as flax_partitioning
 
     out = {}
