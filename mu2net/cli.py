@@ -132,11 +132,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from mu2net.system.store import Store
 
     store = Store.open(args.store)
-    system = store.load()
+    system = store.load_task(args.task)  # one index file, not every shard's manifest
     files0, bytes0 = store.files_read, store.bytes_read  # count component reads only
     path = system.best_path(args.task)
-    if path is None:
-        raise CliError(f"task {args.task!r} has no published path in {args.store}")
     if args.npy:
         inputs, names = np.load(args.npy, allow_pickle=False), None
     elif args.files:
@@ -163,7 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(
         f"read {store.files_read - files0} component file(s), "
         f"{store.bytes_read - bytes0:,} bytes "
-        f"(path of {len(path.components)} components; system has {len(system.components)})",
+        f"(path of {len(path.components)} components; {bytes0:,} bytes of store metadata)",
         file=sys.stderr,
     )
 
