@@ -300,6 +300,13 @@ def test_fsspec_memory_store():
     s = build_system()
     commit_all(store, s)
     assert_equal_systems(s, Store.open(url).load(lazy=False))
+    reader = Store.open(url)
+    before = reader.files_read
+    one = reader.load_task("t:b")  # store marker + the task's index, on an object-store-like fs
+    assert reader.files_read - before == 2 and one.tasks == ["t:b"]
+    assert one.params_of(one.best_path("t:b"))["head"]["kernel"].tobytes() == (
+        s.params_of(s.best_path("t:b"))["head"]["kernel"].tobytes()
+    )
 
 
 # ---------------------------------------------------------------------------------- bad input
