@@ -118,12 +118,12 @@ def test_crash_between_manifest_and_index_never_serves_the_old_path(committed, m
     assert os.path.exists(task_index.indexed_marker(reader, agent, 1))
 
 
-def test_uncommitted_index_is_ignored(committed):
+def test_index_above_the_listed_manifests_is_ignored(committed):
     url, s = committed
     store = Store.open(url)
     agent = agent_for_task("t:a")
     committed_id = s.best_path("t:a").id
-    # What a run killed between its index and a manifest it never wrote would leave.
+    # An index of a commit the reader's listing does not include yet (or a stray file).
     body = {"seq": 5, "paths": [s.best_path("t:a").to_json()], "components": {}}
     body["paths"][0]["id"] = "bogus"
     store._put(task_index.index_path(store, "t:a", agent, 5), store._document(body))

@@ -114,12 +114,16 @@ def find_index(store: Store, task: str) -> str | None:
         return None
     (agent,) = agents
     shard = _names(store, store._p("shards", agent))
+    # Listed again after the shard: an index of any commit whose marker was just seen is in it.
+    entries = _matching(_names(store, task_dir(store, task)), _INDEX_RE)
+    if {a for a, _ in entries} != {agent}:
+        return None
     manifests = {int(s) for (s,) in _matching(shard, _MANIFEST_RE)}
     markers = {int(s) for (s,) in _matching(shard, _INDEXED_RE)}
     if not manifests:
         return None
     latest = max(manifests)
-    seqs = [int(s) for _, s in entries if int(s) <= latest]  # above: an uncommitted leftover
+    seqs = [int(s) for _, s in entries if int(s) <= latest]  # above: landed after the listing
     if not seqs:
         return None
     newest = max(seqs)
