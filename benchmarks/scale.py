@@ -15,8 +15,9 @@ Measured after each added task ``n``:
 * at checkpoints: inference for task 0 from a fresh ``Store.open(url).load_task(task)`` (its
   index file, not the manifests): open+load time and bytes, first ``System.predict`` (reads
   the path's components, compiles), and the warm latency of predicting 32 examples (median
-  and best of 100): these must stay flat as tasks are added. The full ``Store.load()`` is
-  timed beside it.
+  and best of 100, and the ratio to the system loaded at the first checkpoint, timed
+  interleaved so machine load cancels): these must stay flat as tasks are added. The full
+  ``Store.load()`` is timed beside it.
 
 Prints one table (checkpoints), writes ``benchmarks/scale.json`` and ``benchmarks/scale.png``.
 
@@ -111,8 +112,12 @@ class CountingStore:
         self.store._get = counted
 
 
-def inference_probe(url: str, task: str, inputs: np.ndarray) -> dict[str, Any]:
-    """Fresh open+load, first predict (reads the path, compiles), warm latency; bytes read."""
+def inference_probe(url: str, task: str, inputs: np.ndarray, control=None) -> dict[str, Any]:
+    """Fresh open+load, first predict (reads the path, compiles), warm latency; bytes read.
+
+    ``control`` is the system loaded at the first checkpoint: timed interleaved with this one,
+    it gives a latency ratio that machine load (shared and noisy) cancels out of.
+    """
     from mu2net.system import inference
 
     inference._logits_fn.cache_clear()  # the serving process would start without it
@@ -128,11 +133,13 @@ def inference_probe(url: str, task: str, inputs: np.ndarray) -> dict[str, Any]:
     t0 = time.perf_counter()
     labels, _ = system.predict(task, inputs)
     first_s = time.perf_counter() - t0
-    lat = []
+    control = control if control is not None else system
+    lat, lat_control = [], []
     for _ in range(100):
-        t0 = time.perf_counter()
-        system.predict(task, inputs)
-        lat.append(time.perf_counter() - t0)
+        for s, out in ((system, lat), (control, lat_control)):
+            t0 = time.perf_counter()
+            s.predict(task, inputs)
+            out.append(time.perf_counter() - t0)
     path = system.best_path(task)
     return {
         "open_load_s": load_s,
@@ -141,11 +148,13 @@ def inference_probe(url: str, task: str, inputs: np.ndarray) -> dict[str, Any]:
         "first_predict_s": first_s,
         "warm_predict_ms": 1e3 * float(np.median(lat)),
         "best_predict_ms": 1e3 * float(np.min(lat)),  # least disturbed by other jobs
+        "latency_vs_first": float(np.median(lat) / np.median(lat_control)),
         "bytes_read": cs.bytes_read,
         "metadata_bytes": metadata_bytes,
         "component_bytes": cs.bytes_read - metadata_bytes,
         "path_params": system.path_params(path),
         "labels": labels,
+        "system": system,
     }
 
 
@@ -162,7 +171,7 @@ def run(n_tasks: int, checkpoints: list[int], workdir: str) -> dict[str, Any]:
     url = os.path.join(workdir, "store")
     store = open_or_create(url, cfg, system_name="scale")
     tasks = task_list(n_tasks)
-    records, probes, first_labels = [], [], None
+    records, probes, first_labels, control = [], [], None, None
     probe_inputs = None
     for i, task in enumerate(tasks, 1):
         before = dir_bytes(url)
@@ -201,8 +210,9 @@ def run(n_tasks: int, checkpoints: list[int], workdir: str) -> dict[str, Any]:
             fam = get_family("vit")
             probe_inputs = evo_data.eval_arrays(tasks[0], "test", fam, path.hparams)["inputs"][:32]
         if i in checkpoints:
-            pr = inference_probe(url, tasks[0], probe_inputs)
-            labels = pr.pop("labels")
+            pr = inference_probe(url, tasks[0], probe_inputs, control)
+            labels, system = pr.pop("labels"), pr.pop("system")
+            control = control if control is not None else system
             if first_labels is None:
                 first_labels = labels
             pr.update(n=i, task0_changed_predictions=int(np.sum(labels != first_labels)))
@@ -224,6 +234,10 @@ def plot(doc: dict[str, Any], out: str) -> None:
     ax[0, 0].plot(pn, [p["warm_predict_ms"] for p in pr], "o-", label="median of 100")
     ax[0, 0].plot(pn, [p["best_predict_ms"] for p in pr], "s--", label="best of 100")
     ax[0, 0].legend()
+    twin = ax[0, 0].twinx()
+    twin.plot(pn, [p["latency_vs_first"] for p in pr], "k:", label="ratio to n=1, interleaved")
+    twin.set(ylabel="ratio", ylim=(0.8, 1.2))
+    twin.legend(loc="lower right")
     ax[0, 0].set(title="task-0 inference latency (32 ex, warm)", xlabel="tasks", ylabel="ms")
     ax[0, 1].plot(pn, [p["open_load_s"] + p["first_predict_s"] for p in pr], "o-", label="total")
     ax[0, 1].plot(pn, [p["open_load_s"] for p in pr], "s--", label="open+load (task index)")
@@ -317,6 +331,7 @@ def report(doc: dict[str, Any], name: str) -> None:
                 pr["n"],
                 f"{pr['warm_predict_ms']:.2f}",
                 f"{pr['best_predict_ms']:.2f}",
+                f"{pr['latency_vs_first']:.3f}",
                 f"{pr['open_load_s']:.3f}",
                 f"{pr['first_predict_s']:.2f}",
                 f"{pr['bytes_read']:,}",
@@ -335,6 +350,7 @@ def report(doc: dict[str, Any], name: str) -> None:
                 "tasks",
                 "t0 predict ms",
                 "best ms",
+                "vs n=1",
                 "open+load s",
                 "1st predict s",
                 "bytes read",
