@@ -68,7 +68,9 @@ def test_load_task_reads_one_index_and_matches_the_full_load(committed):
         assert (x @ one.params_of(p)["head"]["kernel"]).tobytes() == (
             x @ full.params_of(q)["head"]["kernel"]
         ).tobytes()
-    assert System.load(url, task="t:b").best_path("t:b").id == full.best_path("t:b").id
+    eager = System.load(url, task="t:b", lazy=False)
+    assert eager.best_path("t:b").id == full.best_path("t:b").id
+    assert all(c.loaded for c in eager.components.values())
 
 
 def test_index_follows_new_commits_and_only_changed_tasks_get_one(committed, tmp_path):

@@ -332,14 +332,18 @@ class Store:
                 c.params  # noqa: B018  (forces the read and checksum verification)
         return system
 
-    def load_task(self, task: str, on_corrupt: str = "raise") -> System:
-        """A system holding ``task``'s published path, for inference (params read lazily).
+    def load_task(self, task: str, on_corrupt: str = "raise", lazy: bool = True) -> System:
+        """A system holding ``task``'s published path, for inference.
 
         Reads the task's index (one small file, whatever the number of tasks) instead of every
-        shard's manifest; falls back to :meth:`load` for stores or commits without one.
-        Raises :class:`StoreError` if the task has no published path.
+        shard's manifest; falls back to :meth:`load` for stores or commits without one. Params
+        are read on first use unless ``lazy=False``. Raises :class:`StoreError` if the task has
+        no published path.
         """
-        return task_index.load_task(self, task, on_corrupt=on_corrupt)
+        system = task_index.load_task(self, task, on_corrupt=on_corrupt)
+        if not lazy:
+            system.params_of(system.best_path(task))  # forces the reads and checksum checks
+        return system
 
     def _component_from_record(self, agent: str, cid: str, rec: Mapping[str, Any]) -> Component:
         file = self._p("shards", agent, rec["file"])
