@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 _INDEX_RE = re.compile(r"^index-(.+)-(\d{8})\.json$")
 _INDEXED_RE = re.compile(r"^indexed-(\d{8})\.json$")
-_MANIFEST_RE = re.compile(r"^manifest-(\d{8})\.json$")
 
 
 def task_dir(store: Store, task: str) -> str:
@@ -63,7 +62,7 @@ def write_indexes(
       store: the store.
       agent: the shard that committed ``body``.
       body: the committed manifest body.
-      tasks: tasks whose index to write (those whose path the commit changed).
+      tasks: tasks whose index to write (the paths the commit changed; all when repairing).
       foreign: store records of the other shards' components, by id (with their ``shard``).
 
     Returns:
@@ -108,6 +107,8 @@ def _matching(names: list[str], pattern: re.Pattern) -> list[tuple[str, ...]]:
 
 def find_index(store: Store, task: str) -> str | None:
     """The current index file of ``task``, or None when only the full load can tell."""
+    from mu2net.system.store import _MANIFEST_RE  # the store names its manifests
+
     entries = _matching(_names(store, task_dir(store, task)), _INDEX_RE)
     agents = {agent for agent, _ in entries}
     if len(agents) != 1:  # no index (older store, no commit yet) or a task that changed hands
