@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mu2net import gin_utils
+from mu2net.errors import Mu2netError
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.loop import Evolver, create_root
 from mu2net.system.names import validate_agent_name, validate_task_name
@@ -45,7 +46,7 @@ from mu2net.system.store import MARKER, Store, StoreConflict, StoreError
 from mu2net.train._gin import gin
 
 
-class AgentError(ValueError):
+class AgentError(Mu2netError, ValueError):
     """An agent that cannot run as configured (names the agent and the task)."""
 
 

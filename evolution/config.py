@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from mu2net.errors import Mu2netError
 from mu2net.evolution.hparams import BASE_DEFAULTS, SPACES
 from mu2net.train._gin import gin
 
 
-class ConfigError(ValueError):
+class ConfigError(Mu2netError, ValueError):
     """A contradictory or impossible evolution configuration; names the key."""
 
 

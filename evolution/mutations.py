@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mu2net.errors import Mu2netError
 from mu2net.evolution.hparams import bernoulli, mutate_model_hparams, mutation_probability
 from mu2net.models.base import Family, format_adapter_layers, parse_adapter_layers, shape_signature
 from mu2net.system.state import Path, System
@@ -24,7 +25,7 @@ from mu2net.system.state import Path, System
 Lookup = Callable[[str], Path | None]
 
 
-class MutationError(ValueError):
+class MutationError(Mu2netError, ValueError):
     """A child that cannot be built (e.g. a component with no source and no fresh init)."""
 
 

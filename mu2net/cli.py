@@ -15,12 +15,13 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mu2net.errors import Mu2netError
 from mu2net.text_table import table
 
 DEFAULT_EXPERIMENT = "experiments/default.gin"
 
 
-class CliError(Exception):
+class CliError(Mu2netError):
     """A failure to report in one line with exit code 1."""
 
 
@@ -296,9 +297,7 @@ VERBS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mu2net`` console script."""
-    from mu2net.gin_utils import GinConfigError, rewrite_gin_args
-    from mu2net.system.state import StateError
-    from mu2net.system.store import StoreError
+    from mu2net.gin_utils import rewrite_gin_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -309,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rewrite_gin_args(argv))
     try:
         VERBS[args.verb](args)
-    except (CliError, GinConfigError, StoreError, StateError, ValueError, KeyError) as e:
+    except Mu2netError as e:  # anything else is a bug: let its traceback show
         print(f"mu2net {args.verb}: error: {e}", file=sys.stderr)
         return 1
     return 0

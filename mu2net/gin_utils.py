@@ -12,10 +12,11 @@ import logging
 import os
 from collections.abc import Sequence
 
+from mu2net.errors import Mu2netError
 from mu2net.train._gin import gin
 
 
-class GinConfigError(ValueError):
+class GinConfigError(Mu2netError, ValueError):
     """A gin file or binding that cannot be applied; names the file or key."""
 
 

@@ -20,13 +20,15 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
+from mu2net.errors import Mu2netError
+
 PREFIX = "mu2net:"
 MODALITIES = ("image", "text")
 SPLITS = ("train", "validation", "test")
 _NAME_RE = re.compile(r"^[\w\d.:_#]+$")
 
 
-class TaskError(ValueError):
+class TaskError(Mu2netError, ValueError):
     """Bad task input: unknown name, empty split, bad labels, shapes, dtypes or pixels."""
 
 

@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mu2net.errors import Mu2netError
+
 Params = Any  # a pytree of arrays (nested dicts, flax style)
 ParamsByComponent = Mapping[str, Params]
 
 
-class FamilyError(ValueError):
+class FamilyError(Mu2netError, ValueError):
     """Bad input to a model family (unknown family, checkpoint key, shape, adapter index...)."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from mu2net.errors import Mu2netError
+
 # seqio's own rule for task names (seqio.dataset_providers._VALID_TASK_NAME_REGEX).
 _TASK_NAME = re.compile(r"^[\w\.\:#]+$", re.ASCII)
 # Agent (shard) names become directory names: no separators, no dots-only names.
@@ -11,7 +13,7 @@ _AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.~-]{0,127}$")
 PRIVATE_PREFIX = "private:"
 
 
-class NameError_(ValueError):
+class NameError_(Mu2netError, ValueError):
     """A task or agent name that cannot be used (path separators, control characters...)."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mu2net.errors import Mu2netError
 from mu2net.models.base import num_params as count_params
 from mu2net.models.base import shape_signature
 from mu2net.system.names import is_private, validate_agent_name, validate_task_name
@@ -28,7 +29,7 @@ from mu2net.system.names import is_private, validate_agent_name, validate_task_n
 ROOT_LOCK_PREFIX = "@root/"
 
 
-class StateError(ValueError):
+class StateError(Mu2netError, ValueError):
     """An inconsistent system state (unknown component, lock violation, ...)."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from mu2net.errors import Mu2netError
 from mu2net.system import task_index
 from mu2net.system.names import validate_agent_name, validate_task_name
 from mu2net.system.state import Component, Path, System
@@ -47,7 +48,7 @@ _BF16 = "::bf16"
 _LEAF = "::leaf"
 
 
-class StoreError(RuntimeError):
+class StoreError(Mu2netError, RuntimeError):
     """A store that cannot be read or written; the message names the file."""
 
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from mu2net import gin_utils
+from mu2net.errors import Mu2netError
 from mu2net.models.base import Family, FamilyError, get_family, shape_signature
 from mu2net.train._gin import gin
 from mu2net.train.trainer import TrainConfig, TrainError, evaluate, split_path, train_candidate
@@ -37,7 +38,7 @@ REQUIRED_MACROS = ("TASK", "FAMILY", "MODEL_DIR")
 DEFAULT_GIN_FILE = "runs/train.gin"
 
 
-class TrainBinaryError(ValueError):
+class TrainBinaryError(Mu2netError, ValueError):
     """Bad input to the train binary: names the gin key, task, split or component."""
 
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mu2net.errors import Mu2netError
+
 SCHEDULES = ("constant", "cosine", "restarts", "linear")
 
 # Reference defaults (§3.3, µ2Net column).
@@ -30,7 +32,7 @@ DEFAULT_OPT_HPARAMS = {
 }
 
 
-class OptimizerError(ValueError):
+class OptimizerError(Mu2netError, ValueError):
     """Bad optimizer hyperparameters (names the offending key)."""
 
 

@@ -19,13 +19,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mu2net.errors import Mu2netError
 from mu2net.train._gin import gin
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
 
-class PartitioningError(ValueError):
+class PartitioningError(Mu2netError, ValueError):
     """A batch or mesh that does not fit the devices (names the offending size)."""
 
 

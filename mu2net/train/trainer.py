@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mu2net.errors import Mu2netError
 from mu2net.models.base import Family, FamilyError, num_params
 from mu2net.train import metrics as metrics_lib
 from mu2net.train import steps as steps_lib
@@ -33,7 +34,7 @@ Batch = Mapping[str, Any]
 _MAX_INFLIGHT = 3  # train steps the host may run ahead of the device
 
 
-class TrainError(ValueError):
+class TrainError(Mu2netError, ValueError):
     """Bad trainer input: an incompatible path, a short data stream, a bad batch."""
 
 
