@@ -39,7 +39,8 @@ from typing import Any
 from mu2net import gin_utils
 from mu2net.errors import Mu2netError
 from mu2net.evolution.config import ConfigError, EvolutionConfig
-from mu2net.evolution.loop import Evolver, create_root
+from mu2net.evolution.loop import Evolver
+from mu2net.evolution.roots import create_root
 from mu2net.system.names import validate_agent_name, validate_task_name
 from mu2net.system.state import System
 from mu2net.system.store import MARKER, Store, StoreConflict, StoreError

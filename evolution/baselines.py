@@ -1,7 +1,8 @@
-"""Baselines through the same trainer and budget (reference §4.9).
+"""Baselines as fixed strategies run by the same task-iteration runner (reference §4.9).
 
-A baseline is one child of the root with a fixed clone set and no mutations, trained for the
-whole evolutionary budget of a task: V x cycles x generations validation intervals.
+A baseline is one child of the root with a fixed clone set and no mutations, trained in one
+generation for the whole evolutionary budget of a task: V x cycles x generations validation
+intervals, so it sees as many training examples as evolution's candidates do together.
 
 * ``finetune_all``: every component cloned and trained.
 * ``freeze_bottom:k``: the first k blocks (and everything below them) frozen and shared.
@@ -17,19 +18,23 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-import zlib
 from typing import Any
 
 import numpy as np
 
-from mu2net.evolution import data as evo_data
 from mu2net.evolution.config import ConfigError, EvolutionConfig
-from mu2net.evolution.mutations import make_child
-from mu2net.evolution.prefix import PrefixCache, deterministic_inputs, suffix_plan
+from mu2net.evolution.mutations import ChildTarget, MutationPolicy, make_child
+from mu2net.evolution.strategy import (
+    GenerationSpec,
+    IterationContext,
+    Proposal,
+    Strategy,
+    register_strategy,
+)
 from mu2net.models.base import format_adapter_layers, get_family
 from mu2net.system.state import System
 
-_BLOCK = re.compile(r"^(encoderblock|block)_(\d+)$")
+BASELINE_AGENT = "baseline"
 
 
 @dataclasses.dataclass
@@ -59,10 +64,10 @@ def clone_rule(kind: str, family) -> tuple[Any, dict[str, Any]]:
         k = int(m.group(1))
 
         def clone(name: str) -> bool:
-            b = _BLOCK.match(name)
-            if b:
-                return int(b.group(2)) >= k
-            return name in forced or _above_blocks(name)
+            index = family.block_index(name)
+            if index is not None:
+                return index >= k
+            return name in forced or name in family.above_blocks
 
         return clone, {}
     m = re.fullmatch(r"adapters:(\d+)", kind)
@@ -75,106 +80,87 @@ def clone_rule(kind: str, family) -> tuple[Any, dict[str, Any]]:
     )
 
 
-def _above_blocks(name: str) -> bool:
-    # Components after the block stack (final norm, head conv) train with the top blocks.
-    return name in ("encoder_norm", "head_conv", "pooler")
+def baseline_validations(config: EvolutionConfig) -> int:
+    """Validation intervals of a baseline: evolution's whole budget for one task."""
+    return (
+        config.num_validations * max(config.num_cycles, 1) * config.generations_per_task_iteration()
+    )
+
+
+class FixedStrategy(Strategy):
+    """One unmutated child of the root with a fixed clone rule, trained for the whole budget."""
+
+    publishes = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def search_space(self, config: EvolutionConfig) -> dict[str, list]:
+        """No search: the defaults are used as they are."""
+        return {}
+
+    def generations(self, config: EvolutionConfig) -> int:
+        """One generation."""
+        return 1
+
+    def candidates(self, config: EvolutionConfig, generation: int) -> int:
+        """One candidate."""
+        return 1
+
+    def propose(self, ctx: IterationContext, gen: GenerationSpec, n: int) -> list[Proposal]:
+        """The root's child with this baseline's clone set and the default optimizer."""
+        clone, fixed = clone_rule(self.name, ctx.family)
+        fixed = {**{k: v for k, v in ctx.defaults.items() if k.startswith("opt_")}, **fixed}
+        if self.name.startswith("adapters:"):
+            layers = range(int(ctx.root.hparams["num_layers"]))
+            fixed["adapter_layers"] = format_adapter_layers(layers)
+        target = ChildTarget(ctx.task, ctx.info.num_classes, ctx.agent, gen.ds)
+        policy = MutationPolicy(mutate=False, fixed_hparams=fixed, clone_names=clone)
+        child = make_child(
+            ctx.system, ctx.family, ctx.root, target, {}, gen.rng, ctx.lineage, policy
+        )
+        return [Proposal(ctx.root, child, baseline_validations(ctx.config))]
+
+
+for _pattern in ("finetune_all", "linear_probe", r"freeze_bottom:(\d+)", r"adapters:(\d+)"):
+    register_strategy(_pattern, FixedStrategy)
 
 
 def run_baseline(
     system: System, config: EvolutionConfig, task: str, kind: str, seed: int = 0
 ) -> BaselineResult:
-    """Trains baseline ``kind`` for ``task`` from the system's root; returns its accuracies."""
-    from mu2net.tasks import data as task_data
-    from mu2net.train.trainer import TrainConfig, evaluate, train_candidate
+    """Trains baseline ``kind`` for ``task`` from the system's root; returns its accuracies.
 
-    family = get_family(config.family)
-    roots = [r for r in system.roots() if r.family == family.name]
-    if not roots:
-        raise ConfigError(f"no {family.name!r} root in the system: run `mu2net init` first")
-    root = roots[0]
-    info = task_data.task_info(task)
-    rng = np.random.default_rng([seed, zlib.crc32(f"{task}|{kind}".encode())])
-    clone, fixed = clone_rule(kind, family)
-    defaults = config.path_defaults(family.default_hparams())
-    ds = {k: v for k, v in defaults.items() if k.startswith("ds_")}
-    base_hparams = {**root.hparams, **{k: v for k, v in defaults.items() if k.startswith("opt_")}}
-    if kind.startswith("adapters:"):
-        fixed["adapter_layers"] = format_adapter_layers(range(int(base_hparams["num_layers"])))
-    scratch = System()
-    scratch.components = dict(system.components)
-    scratch.counters = dict(system.counters)
-    parent = dataclasses.replace(root, hparams=base_hparams)
-    child = make_child(
-        system=scratch,
-        family=family,
-        parent=parent,
-        task=task,
-        num_classes=info.num_classes,
-        ds_hparams=ds,
-        space={},
-        rng=rng,
-        agent="baseline",
-        lookup=lambda pid: None,
-        mutate=False,
-        fixed_hparams=fixed,
-        clone_names=clone,
-    )
-    steps_between = evo_data.steps_between_validations(
-        int(info.split_sizes["train"]),
-        config.train_examples_between_validations,
-        config.batch_size,
-    )
-    intervals = (
-        config.num_validations * max(config.num_cycles, 1) * config.generations_per_task_iteration()
-    )
-    train_cfg = TrainConfig(
-        batch_size=config.batch_size,
-        steps_between_validations=steps_between,
-        num_validations=intervals,
-        seed=int(rng.integers(2**31)),
-    )
-    stream = evo_data.TrainStream(
-        task,
-        family,
-        ds,
-        config.batch_size,
-        steps_between * intervals,
-        seed=int(rng.integers(2**31)),
-    )
-    val = evo_data.validation_batches(
-        evo_data.eval_arrays(task, "validation", family, ds, config.validation_examples),
-        config.batch_size,
-    )
+    ``system`` is left unchanged: the baseline runs in a scratch copy holding only the root.
+    """
+    from mu2net.evolution import data as evo_data
+    from mu2net.evolution.roots import class_root
+    from mu2net.evolution.runner import TaskIterationRunner
+    from mu2net.train.trainer import evaluate
+
+    clone_rule(kind, get_family(config.family))  # names a bad kind before any work
+    cfg = dataclasses.replace(config, strategy=kind, seed=seed)
+    root = class_root(system, cfg)
+    scratch = system.scratch()
+    scratch.publish(root)
     t0 = time.time()
-    cache = None
-    if config.prefix_cache and stream.materialized and deterministic_inputs(ds):
-        cache = PrefixCache(family, list(stream), val)
-    train_family, frozen, batches, val_batches = suffix_plan(
-        cache, family, child.path.hparams, child.path.components, child.trainable,
-        child.frozen, stream, val,
-    )  # fmt: skip
-    result = train_candidate(
-        family=train_family, hparams=child.path.hparams, trainable=child.trainable,
-        frozen=frozen, momentum=None, train_batches=iter(batches),
-        validation_batches=val_batches, config=train_cfg, progress=False,
-    )  # fmt: skip
-    if result.failed or not result.best_trainable:
-        raise RuntimeError(f"baseline {kind} on {task} failed: {result.failure_reason}")
-    params = {**child.frozen, **result.best_trainable}
+    runner = TaskIterationRunner(cfg, FixedStrategy(kind), commit=None, log=lambda s: None)
+    result = runner.run(scratch, task, 0, BASELINE_AGENT)
+    best = result.best
+    record = result.history[0]
+    family = get_family(cfg.family)
     test = evo_data.eval_batches(
-        evo_data.eval_arrays(task, "test", family, child.path.hparams), config.batch_size
+        evo_data.eval_arrays(task, "test", family, best.hparams), cfg.batch_size
     )
-    acc, preds = evaluate(family, child.path.hparams, params, test)
+    acc, preds = evaluate(family, best.hparams, scratch.params_of(best), test)
     return BaselineResult(
         kind=kind,
         task=task,
-        validation=float(result.quality),
+        validation=float(best.metrics["quality"]),
         test=float(acc),
-        trainable_params=int(result.trainable_params),
-        path_params=int(
-            sum(scratch.component(c).num_params for c in child.path.components.values())
-        ),
-        examples=int(result.examples_seen),
+        trainable_params=int(record["trainable_params"]),
+        path_params=int(scratch.path_params(best)),
+        examples=int(record["examples"]),
         seconds=time.time() - t0,
         predictions=np.asarray(preds),
     )

@@ -24,6 +24,10 @@ class EvolutionConfig:
     """What to evolve and with which budget.
 
     Attributes:
+      strategy: agent strategy (``mu2net``; baselines ``finetune_all``, ``linear_probe``,
+        ``freeze_bottom:K``, ``adapters:D``), see ``mu2net.evolution.strategy``.
+      agent_classes_to_load: other agent classes (e.g. ``vit(vit_size=L/16)``) whose paths
+        this agent may use as parents; its own class always (reference §7.2).
       family: registered model family of the root (``vit``, ``efficientnet_lite0``, ``bert``).
       root_hparams: architecture hparams of the root (e.g. ``{"vit_size": "Ti/16"}``).
       pretrained: load the family's pretrained root (else a random init, reference "Ti0").
@@ -58,6 +62,8 @@ class EvolutionConfig:
       seed: master seed (same seed and config => same system on CPU).
     """
 
+    strategy: str = "mu2net"
+    agent_classes_to_load: tuple[str, ...] = ()
     family: str = "vit"
     root_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     pretrained: bool = False
@@ -142,9 +148,9 @@ class EvolutionConfig:
                     f"EvolutionConfig.expansions: unknown {sorted(unknown)}; "
                     f"known {sorted(exp.EXPANSIONS)}"
                 )
-            if family.name != "vit":
+            if not family.supports_expansions:
                 raise ConfigError(
-                    f"EvolutionConfig.expansions: only the ViT family supports the "
-                    f"transformer expansions, not {family.name!r}"
+                    f"EvolutionConfig.expansions: family {family.name!r} does not support "
+                    "the transformer expansions"
                 )
         self.search_space()

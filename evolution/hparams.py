@@ -8,7 +8,6 @@ mutation probability, is mutated first and later draws use the updated value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,20 +98,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "ds_contrast_delta": 0.0,
     "ds_saturation_delta": 0.0,
     "ds_hue_delta": 0.0,
-}
-
-# The reference's named configurations (reference §3.2 table; §4.10 for loop sizes).
-CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "Ti3": {MU: 0.1, "num_layers": 3, "ds_image_size": 32},
-    "B": {MU: 0.1, "num_layers": 12, "ds_image_size": 80},
-    "Ti0": {MU: 0.2, "num_layers": 0, "ds_image_size": 32},
-    "L": {
-        MU: 0.2,
-        "num_layers": 24,
-        "adapter_dim": 16,
-        "opt_lr_warmup_ratio": 0.05,
-        "ds_image_size": 384,
-    },
+    "ds_quality_delta": 0.0,
 }
 
 
@@ -219,13 +205,3 @@ def sample_dataset_hparams(
             if ds[key] != old:
                 changes[key] = (old, ds[key])
     return ds, changes
-
-
-def layer_range(max_layers: int, allow_extra: int = 0, minimum: int = 0) -> list[int]:
-    """``num_layers`` values ``minimum..max_layers+allow_extra`` (reference §2.4)."""
-    return list(range(minimum, max_layers + allow_extra + 1))
-
-
-def is_nan(value: Any) -> bool:
-    """Whether a metric value is missing or NaN."""
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 from mu2net import gin_utils
 from mu2net.evolution.config import EvolutionConfig
-from mu2net.evolution.loop import Evolver, create_root
+from mu2net.evolution.loop import Evolver
+from mu2net.evolution.roots import create_root
 from mu2net.system.store import Store, StoreError
 from mu2net.train._gin import gin
 

@@ -30,7 +30,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     """Creates a store with the configured root."""
     from mu2net import gin_utils
     from mu2net.evolution.config import EvolutionConfig
-    from mu2net.evolution.loop import create_root
+    from mu2net.evolution.roots import create_root
     from mu2net.system.store import Store
 
     if not args.gin_file:

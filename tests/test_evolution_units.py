@@ -11,7 +11,13 @@ from mu2net.evolution.hparams import (
     mutate_model_hparams,
     sample_dataset_hparams,
 )
-from mu2net.evolution.mutations import MutationError, make_child
+from mu2net.evolution.mutations import (
+    ChildTarget,
+    Lineage,
+    MutationError,
+    MutationPolicy,
+    make_child,
+)
 from mu2net.evolution.selection import DecaySelector, seed_paths
 from mu2net.system.state import Path, System
 from mu2net.train import testing as mlp
@@ -81,15 +87,15 @@ def test_decay_selector_seeds_then_exploits():
     rng = np.random.default_rng(0)
     root = _path("r/p0", "root:x", is_root=True)
     others = [_path(f"o/p{i}", f"t:{i}", 0.5) for i in range(3)]
-    seeds = seed_paths([root, *others, _path("p/p0", "private:z", 0.9)], "t:new", FAM.name, rng)
+    seeds = seed_paths([root, *others, _path("p/p0", "private:z", 0.9)], "t:new", rng)
     assert {s.id for s in seeds} == {"r/p0", "o/p0", "o/p1", "o/p2"}  # private excluded
     pop = []
-    sel = DecaySelector("t:new", pop, seeds, lambda p: p.metrics["quality"] or 0, rng)
-    first = [sel.select()[0].id for _ in range(4)]
+    sel = DecaySelector("t:new", pop, seeds, lambda p: p.metrics["quality"] or 0, {})
+    first = [sel.select(rng)[0].id for _ in range(4)]
     assert len(set(first)) == 4  # a new task's first parents are distinct seeds
     good, bad = _path("n/p1", "t:new", 0.9), _path("n/p2", "t:new", 0.1)
     pop.extend([bad, good])
-    picks = [sel.select()[0].id for _ in range(200)]
+    picks = [sel.select(rng)[0].id for _ in range(200)]
     assert picks[0] == "n/p1"  # the best never-used path is accepted with probability 1
     # The decay rule balances offspring between paths (0.5 ** offspring acceptance).
     assert abs(picks.count("n/p1") - picks.count("n/p2")) <= 2
@@ -98,13 +104,12 @@ def test_decay_selector_seeds_then_exploits():
 
 def test_linear_probe_seeding_uses_every_seed_unmutated_first():
     seeds = [_path(f"o/p{i}", f"t:{i}", 0.5) for i in range(3)]
-    sel = DecaySelector(
-        "t:new", [], seeds, lambda p: 0.5, np.random.default_rng(0), linear_probe_seeding=True
-    )
-    got = [sel.select() for _ in range(3)]
+    rng = np.random.default_rng(0)
+    sel = DecaySelector("t:new", [], seeds, lambda p: 0.5, {}, linear_probe_seeding=True)
+    got = [sel.select(rng) for _ in range(3)]
     assert [p.id for p, _ in got] == ["o/p0", "o/p1", "o/p2"]
     assert all(m is False for _, m in got)
-    assert sel.select()[1] is True
+    assert sel.select(rng)[1] is True
 
 
 def _system_with_task():
@@ -117,16 +122,13 @@ def _system_with_task():
     )
     s.add_task("t:a", "a")
     child = make_child(
-        system=s,
-        family=FAM,
-        parent=root,
-        task="t:a",
-        num_classes=3,
-        ds_hparams={},
-        space={},
-        rng=np.random.default_rng(0),
-        agent="a",
-        lookup=s.paths.get,
+        s,
+        FAM,
+        root,
+        ChildTarget("t:a", 3, "a", {}),
+        {},
+        np.random.default_rng(0),
+        Lineage(s, {}, None),
     )
     s.publish(child.path)
     return s, root, child
@@ -143,16 +145,13 @@ def test_own_unlocked_components_are_always_cloned():
     s, root, first = _system_with_task()
     s.unlock_task("t:a", "a")
     child = make_child(
-        system=s,
-        family=FAM,
-        parent=first.path,
-        task="t:a",
-        num_classes=3,
-        ds_hparams={},
-        space={},
-        rng=np.random.default_rng(0),
-        agent="a",
-        lookup=s.paths.get,
+        s,
+        FAM,
+        first.path,
+        ChildTarget("t:a", 3, "a", {}),
+        {},
+        np.random.default_rng(0),
+        Lineage(s, {}, None),
     )
     # The parent's head is unlocked (its own task's): cloned, never modified in place.
     assert child.actions["head"] == "clone"
@@ -165,17 +164,14 @@ def test_other_tasks_head_is_never_inherited_and_force_clone_works():
     s, root, first = _system_with_task()
     s.add_task("t:b", "b")
     child = make_child(
-        system=s,
-        family=FAM,
-        parent=first.path,
-        task="t:b",
-        num_classes=5,
-        ds_hparams={},
-        space={},
-        rng=np.random.default_rng(0),
-        agent="b",
-        lookup=s.paths.get,
-        force_clone=("dense_1",),
+        s,
+        FAM,
+        first.path,
+        ChildTarget("t:b", 5, "b", {}),
+        {},
+        np.random.default_rng(0),
+        Lineage(s, {}, None),
+        MutationPolicy(force_clone=("dense_1",)),
     )
     assert child.actions["head"] == "fresh"
     assert child.trainable["head"]["kernel"].shape[-1] == 5
@@ -188,16 +184,13 @@ def test_wrong_family_parent_is_refused():
     wrong = Path("x/p0", "t:a", "vit", dict(first.path.components), {}, "x")
     with pytest.raises(MutationError, match="'vit' path"):
         make_child(
-            system=s,
-            family=FAM,
-            parent=wrong,
-            task="t:a",
-            num_classes=3,
-            ds_hparams={},
-            space={},
-            rng=np.random.default_rng(0),
-            agent="a",
-            lookup=s.paths.get,
+            s,
+            FAM,
+            wrong,
+            ChildTarget("t:a", 3, "a", {}),
+            {},
+            np.random.default_rng(0),
+            Lineage(s, {}, None),
         )
 
 
@@ -238,21 +231,10 @@ def _vit_root(**hp):
     return vit, s, root
 
 
-def _vit_child(vit, s, root, **kw):
-    args = dict(
-        system=s,
-        family=vit,
-        parent=root,
-        task="t:v",
-        num_classes=3,
-        ds_hparams={"ds_image_size": 16},
-        space={},
-        rng=np.random.default_rng(3),
-        agent="v",
-        lookup=s.paths.get,
-    )
-    args.update(kw)
-    return make_child(**args)
+def _vit_child(vit, s, root, ds_hparams=None, **policy):
+    target = ChildTarget("t:v", 3, "v", ds_hparams or {"ds_image_size": 16})
+    rng = np.random.default_rng(3)
+    return make_child(s, vit, root, target, {}, rng, Lineage(s, {}, None), MutationPolicy(**policy))
 
 
 def test_adapter_mutation_adds_fresh_zero_output_adapters():

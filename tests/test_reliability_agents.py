@@ -17,8 +17,7 @@ import pytest
 
 from mu2net.evolution import agents as ag
 from mu2net.evolution.config import ConfigError, EvolutionConfig
-from mu2net.evolution.loop import parent_lookup
-from mu2net.evolution.mutations import MutationError, make_child
+from mu2net.evolution.mutations import ChildTarget, Lineage, MutationError, make_child
 from mu2net.system.names import NameError_
 from mu2net.system.state import Path, System
 from mu2net.system.store import Store, StoreError
@@ -101,20 +100,17 @@ def _mlp_system():
     return s, root, orphan
 
 
+def _orphan_child(s, orphan, root):
+    target = ChildTarget("t:x", 3, "x", {"ds_image_size": 4})
+    return make_child(s, MLP, orphan, target, {}, np.random.default_rng(0), Lineage(s, {}, root))
+
+
 def test_missing_parent_falls_back_to_the_root():
     s, root, orphan = _mlp_system()
-
-    def child(lookup):
-        return make_child(
-            system=s, family=MLP, parent=orphan, task="t:x", num_classes=3,
-            ds_hparams={"ds_image_size": 4}, space={}, rng=np.random.default_rng(0),
-            agent="x", lookup=lookup,
-        )  # fmt: skip
-
-    # The walk stops at the missing parent: dense_0 at 4 px has no source (and no fresh init).
+    # Without a root to close the walk, dense_0 at 4 px has no source (and no fresh init).
     with pytest.raises(MutationError, match="dense_0"):
-        child(s.paths.get)
-    c = child(parent_lookup(s, {}, MLP.name))
+        _orphan_child(s, orphan, None)
+    c = _orphan_child(s, orphan, root)
     assert c.actions["dense_0"] in ("share", "clone")
     src = c.path.components["dense_0"]
     got = c.frozen.get("dense_0", c.trainable.get("dense_0"))
@@ -123,6 +119,23 @@ def test_missing_parent_falls_back_to_the_root():
         assert src == root.components["dense_0"]
     # dense_1 still comes from the live parent, never from the root.
     assert _same(c.frozen.get("dense_1", c.trainable.get("dense_1")), orphan_params(s, orphan))
+
+
+def test_retired_parent_falls_back_to_the_nearest_live_ancestor():
+    s, root, orphan = _mlp_system()
+    hp4 = dict(root.hparams)
+    s.add_task("t:y", "y")
+    params = jax.device_get(MLP.init(jax.random.PRNGKey(7), hp4))
+    comps = {n: s.new_component(n, MLP.name, params[n], "y").id for n in params}
+    grand = Path(s.new_id("y", "p"), "t:y", MLP.name, comps, hp4, "y", parent=root.id)
+    s.publish(grand)
+    # The orphan's parent is gone; its recorded ancestry continues at the live grandparent.
+    orphan.metrics["ancestry"] = ["x/p-gone", grand.id]
+    c = _orphan_child(s, orphan, root)
+    got = c.frozen.get("dense_0", c.trainable.get("dense_0"))
+    assert _same(got, s.component(grand.components["dense_0"]).params)
+    assert not _same(got, s.component(root.components["dense_0"]).params)
+    assert c.path.metrics["ancestry"][:3] == [orphan.id, "x/p-gone", grand.id]
 
 
 def orphan_params(s, orphan):

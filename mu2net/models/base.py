@@ -119,6 +119,26 @@ class Family(abc.ABC):
     # Components that evolution always clones (reference: the final norm is part of the head).
     force_clone: ClassVar[tuple[str, ...]] = ()
     supports_adapters: ClassVar[bool] = True
+    # Whether the function-preserving transformer expansions (models/expansions.py) apply.
+    supports_expansions: ClassVar[bool] = False
+    # The task-specific output component: never shared with, nor inherited from, another task.
+    head_name: ClassVar[str] = "head"
+    # Prefix of the stacked blocks' names (``<prefix><index>``), for depth-based rules.
+    block_prefix: ClassVar[str] = "block_"
+    # Components after the block stack that train together with the top blocks.
+    above_blocks: ClassVar[tuple[str, ...]] = ()
+
+    def block_index(self, name: str) -> int | None:
+        """Index of block component ``name`` in the stack, or None for any other component."""
+        rest = name[len(self.block_prefix) :] if name.startswith(self.block_prefix) else ""
+        return int(rest) if rest.isdigit() else None
+
+    def architecture_config(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The root-defining architecture hparams (an agent class evolves one such root)."""
+        return {k: hparams[k] for k in sorted(self.root_keys) if k in hparams}
+
+    # Hparams that identify a root architecture of this family (e.g. the ViT size).
+    root_keys: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def default_hparams(self) -> dict[str, Any]:

@@ -344,6 +344,8 @@ class BertFamily(Family):
     modality = "text"
     shape_keys = ("num_classes", "num_layers", "adapter_layers", "adapter_dim", "ds_max_length")
     force_clone = ()
+    block_prefix = "encoderblock_"
+    above_blocks = ("pooler",)
 
     def default_hparams(self) -> dict[str, Any]:
         """Defaults: all 6 pretrained layers, 64 tokens."""

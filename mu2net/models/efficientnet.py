@@ -391,6 +391,7 @@ class EfficientNetLite0Family(Family):
     pixel_mean = (0.485, 0.456, 0.406)
     pixel_std = (0.229, 0.224, 0.225)
     force_clone = ()
+    above_blocks = ("head_conv",)
 
     def default_hparams(self) -> dict[str, Any]:
         """Defaults; ``num_layers`` is fixed at 16 (kept so evolution code stays uniform)."""

@@ -442,6 +442,10 @@ class ViTFamily(Family):
         "vit_norm",
     )
     force_clone = ("encoder_norm",)
+    supports_expansions = True
+    root_keys = ("vit_size",)
+    block_prefix = "encoderblock_"
+    above_blocks = ("encoder_norm",)
 
     def default_hparams(self) -> dict[str, Any]:
         """Tiny ``test`` size; set ``vit_size`` (and ``num_layers``) for the real roots."""

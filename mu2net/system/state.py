@@ -116,6 +116,12 @@ class Component:
         """Trainable iff unlocked (reference §1.2)."""
         return not self.locks
 
+    def detached(self) -> Component:
+        """A copy sharing params and record, with its own set of locks."""
+        other = copy.copy(self)
+        other.locks = set(self.locks)
+        return other
+
     def set_trained(self, params: Any, momentum: Any = None) -> None:
         """Replaces the params of an unlocked, uncommitted component (after training)."""
         if self.locks or self.committed:
@@ -461,6 +467,43 @@ class System:
         """Ids of components no published path uses (history only)."""
         used = {cid for p in self.paths.values() for cid in p.components.values()}
         return [cid for cid in self.components if cid not in used]
+
+    def discard_components(self, ids: Iterable[str]) -> None:
+        """Drops uncommitted, unlocked components (a rejected candidate's new ones)."""
+        for cid in list(ids):
+            c = self.components.get(cid)
+            if c is None:
+                continue
+            if c.committed or c.locks:
+                raise StateError(f"component {cid} is committed or locked: it cannot be dropped")
+            del self.components[cid]
+
+    def drop_unpublished_except(self, keep: set[str]) -> list[str]:
+        """Drops uncommitted components no published path (nor ``keep``) uses; returns them.
+
+        Locks are recomputed afterwards, so they match the published paths exactly.
+        """
+        dropped = [
+            cid
+            for cid in self.unreferenced()
+            if not self.components[cid].committed and cid not in keep
+        ]
+        for cid in dropped:
+            del self.components[cid]
+        self.recompute_locks()
+        return dropped
+
+    def scratch(self) -> System:
+        """A system sharing this one's components and id counters, with no paths or tasks.
+
+        Children built in it (baselines) never show up in this system, while every component
+        they share keeps its identity and params.
+        """
+        other = System()
+        # Copies share params but not lock sets: locking in the scratch changes nothing here.
+        other.components = {cid: c.detached() for cid, c in self.components.items()}
+        other.counters = dict(self.counters)
+        return other
 
 
 def _to_numpy(tree: Any) -> Any:

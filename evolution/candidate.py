@@ -1,0 +1,202 @@
+"""Training one proposed child on its generation's data (reference §4.5).
+
+The generation's data (:class:`GenerationData`) is built once and shared by every candidate of
+the generation: one training stream, one validation set, and the frozen-prefix activations
+when the inputs are deterministic. :func:`train_proposal` trains one child through
+:func:`mu2net.train.trainer.train_candidate` with keep-best against its parent's score, and
+returns the history record plus the improved path (or None: its components are dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from mu2net.errors import Mu2netError
+from mu2net.evolution import data as evo_data
+from mu2net.evolution.prefix import PrefixCache, deterministic_inputs, suffix_plan
+from mu2net.evolution.strategy import (
+    GenerationSpec,
+    IterationContext,
+    Proposal,
+    finite_or_none,
+)
+from mu2net.system.state import Path
+
+
+class IterationFailed(Mu2netError, RuntimeError):
+    """Every candidate of a task iteration failed (NaN loss, ...); nothing was published."""
+
+
+@dataclasses.dataclass
+class GenerationData:
+    """The data every candidate of one generation trains and validates on."""
+
+    stream: evo_data.TrainStream
+    val: list[dict]
+    steps_between: int
+    prefix: PrefixCache | None
+
+
+def validation_settings(ctx: IterationContext) -> dict[str, Any]:
+    """How a quality was measured; qualities measured otherwise are not comparable."""
+    cfg = ctx.config
+    return {
+        "split": "validation",
+        "examples": int(cfg.validation_examples),
+        "batch_size": int(cfg.batch_size),
+    }
+
+
+def steps_between(ctx: IterationContext) -> int:
+    """S for the active task (reference §4.5); errors name a train split that is too small."""
+    from mu2net.evolution.config import ConfigError
+
+    cfg = ctx.config
+    num_train = int(ctx.info.split_sizes.get("train") or 0)
+    if num_train < cfg.batch_size:
+        raise ConfigError(
+            f"task {ctx.task!r}: train split has {num_train} examples, fewer than "
+            f"batch_size={cfg.batch_size}"
+        )
+    return evo_data.steps_between_validations(
+        num_train, cfg.train_examples_between_validations, cfg.batch_size
+    )
+
+
+def validation_data(ctx: IterationContext, ds: dict[str, Any]) -> list[dict]:
+    """The fixed validation batches of the active task under dataset hparams ``ds``."""
+    cfg = ctx.config
+    arrays = evo_data.eval_arrays(ctx.task, "validation", ctx.family, ds, cfg.validation_examples)
+    return evo_data.validation_batches(arrays, cfg.batch_size)
+
+
+def generation_data(
+    ctx: IterationContext, gen: GenerationSpec, num_validations: int
+) -> GenerationData:
+    """Builds the stream, the validation set and the prefix cache of one generation."""
+    cfg = ctx.config
+    s_between = steps_between(ctx)
+    stream = evo_data.TrainStream(
+        ctx.task,
+        ctx.family,
+        gen.ds,
+        cfg.batch_size,
+        s_between * num_validations,
+        seed=int(gen.rng.integers(2**31)),
+    )
+    val = validation_data(ctx, gen.ds)
+    prefix = None
+    if cfg.prefix_cache and stream.materialized and deterministic_inputs(gen.ds):
+        prefix = PrefixCache(ctx.family, list(stream), val)
+    return GenerationData(stream, val, s_between, prefix)
+
+
+def train_proposal(
+    ctx: IterationContext, gen: GenerationSpec, data: GenerationData, proposal: Proposal
+) -> tuple[dict[str, Any], Path | None]:
+    """Trains one child; returns (history record, improved path or None)."""
+    from mu2net.train.trainer import TrainConfig, train_candidate
+
+    cfg, system = ctx.config, ctx.system
+    parent, child = proposal.parent, proposal.child
+    path = child.path
+    path.metrics["created"] = time.time()
+    if cfg.flops_base:
+        # The FLOPs factor enters the candidate's score during training as it does the
+        # parent's, so acceptance compares like with like.
+        path.metrics["flops"] = ctx.family.flops(path.hparams)
+    same_task = parent.task == ctx.task
+    baseline = ctx.score(parent, None) if same_task else -math.inf
+    if cfg.strict_improvement and same_task:
+        baseline = math.nextafter(baseline, math.inf)
+    train_cfg = TrainConfig(
+        batch_size=cfg.batch_size,
+        steps_between_validations=data.steps_between,
+        num_validations=proposal.num_validations or cfg.num_validations,
+        seed=int(gen.rng.integers(2**31)),
+        suffix_executable=cfg.suffix_executables,
+    )
+    train_family, frozen, batches, val_batches = suffix_plan(
+        data.prefix, ctx.family, path.hparams, path.components, child.trainable,
+        child.frozen, data.stream, data.val,
+    )  # fmt: skip
+    result = train_candidate(
+        family=train_family,
+        hparams=path.hparams,
+        trainable=child.trainable,
+        frozen=frozen,
+        momentum=child.momentum or None,
+        train_batches=iter(batches),
+        validation_batches=val_batches,
+        config=train_cfg,
+        score_fn=lambda q: ctx.score(path, q),
+        baseline_score=baseline,
+        progress=False,
+    )
+    improved = bool(result.improved and not result.failed)
+    # Scored before a discarded child's components are dropped: with s < 1 the score
+    # charges the path's params, which needs them.
+    score = finite_or_none(ctx.score(path, result.quality))
+    record = _record(ctx, proposal, result, improved, score)
+    if not improved:
+        system.discard_components(path.components[n] for n in child.trainable)
+        return record, None
+    for name, params in result.best_trainable.items():
+        mom = (result.best_momentum or {}).get(name)
+        system.component(path.components[name]).set_trained(params, mom)
+    path.metrics.update(
+        quality=float(result.quality),
+        validation=validation_settings(ctx),
+        evals=[list(e) for e in result.evals],
+        trainable_params=int(result.trainable_params),
+        improved=True,
+        train_seconds=result.timings.get("total_s"),
+        accounted_params=system.accounted_params(path),
+    )
+    return record, path
+
+
+def _record(ctx, proposal, result, improved: bool, score) -> dict[str, Any]:
+    child, path = proposal.child, proposal.child.path
+    return {
+        "task": ctx.task,
+        "path": path.id,
+        "parent": proposal.parent.id,
+        "parent_task": proposal.parent.task,
+        "agent": ctx.agent,
+        "mutations": jsonable(child.mutations),
+        "actions": {n: a for n, a in child.actions.items() if a != "share"},
+        "hparams": jsonable(path.hparams),
+        "trainable_params": int(result.trainable_params),
+        "quality": finite_or_none(result.quality),
+        "score": score,
+        "evals": [list(map(float, e)) for e in result.evals],
+        "improved": improved,
+        "failed": bool(result.failed),
+        "failure": result.failure_reason,
+        "examples": int(result.examples_seen),
+        "timings": {k: float(v) for k, v in result.timings.items()},
+        "num_compiles": int(result.num_compiles),
+        "time": time.time(),
+    }
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars and other objects made JSON-safe."""
+    return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def test_quality(ctx: IterationContext, path: Path) -> tuple[float, np.ndarray]:
+    """Quality and predictions of the task's published ``path`` on its full test split (§4.8)."""
+    from mu2net.evolution.evaluation import evaluate_path
+
+    if ctx.system.best_path(path.task) is not path:
+        raise ValueError(f"test_quality: {path.id} is not the published path of {path.task!r}")
+    quality, predictions, _ = evaluate_path(ctx.system, path.task, "test", ctx.config.batch_size)
+    return quality, predictions

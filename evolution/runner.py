@@ -1,0 +1,276 @@
+"""The task-iteration runner: the reference's mechanics, whatever the strategy (§4.2-§4.8).
+
+One task iteration: unlock the task's own components, then generations. Each generation
+samples its dataset hparams from the task's best path, builds one data stream shared by its
+candidates, asks the strategy for all its children (every parent drawn before any child
+trains), trains them with keep-best against their parents' scores, and only then adds the
+improved ones to the population (§4.6). A generation that improved the best path is published
+and committed at once (µ4Net2), so a kill loses at most one generation's training; a restart
+continues after the last committed generation. The end keeps the best path, locks it, tests
+it, and commits it with the iteration's history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mu2net.evolution import candidate
+from mu2net.evolution.config import ConfigError, EvolutionConfig
+from mu2net.evolution.hparams import sample_dataset_hparams
+from mu2net.evolution.mutations import Lineage
+from mu2net.evolution.roots import class_root, loadable_classes, path_class
+from mu2net.evolution.selection import OFFSPRING_KEY, dump_offspring, load_offspring, seed_paths
+from mu2net.evolution.strategy import GenerationSpec, IterationContext, Strategy
+from mu2net.models.base import get_family
+from mu2net.system.state import Path, System
+
+PROGRESS_KEY = "iteration_progress"
+
+
+@dataclasses.dataclass
+class IterationResult:
+    """A finished task iteration: its summary, best path and history records."""
+
+    summary: dict[str, Any]
+    best: Path
+    history: list[dict[str, Any]]
+
+
+class TaskIterationRunner:
+    """Runs task iterations of one strategy for one agent class.
+
+    Args:
+      config: the evolution config.
+      strategy: what to try.
+      commit: ``(system, agent, history, note) -> None`` that commits the agent's shard, or
+        None for runs that publish nothing (baselines, dry runs).
+      log: one line per task iteration.
+      scalar: ``(task, name, value) -> None`` for TensorBoard, or None.
+      progress: show a progress bar per task iteration.
+    """
+
+    def __init__(
+        self,
+        config: EvolutionConfig,
+        strategy: Strategy,
+        commit: Callable[[System, str, list, str], None] | None = None,
+        log: Callable[[str], None] = print,
+        scalar: Callable[[str, str, float], None] | None = None,
+        progress: bool = False,
+    ):
+        self.config = config
+        self.strategy = strategy
+        self.commit = commit
+        self.log = log
+        self.scalar = scalar or (lambda task, name, value: None)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ the iteration
+    def run(self, system: System, task: str, iteration: int, agent: str) -> IterationResult:
+        """One task iteration of ``task`` on the published ``system`` (modified in place)."""
+        t0 = time.time()
+        ctx = self.context(system, task, iteration, agent)
+        start = self._resume_generation(ctx)
+        history: list[dict[str, Any]] = []
+        uncommitted: list[dict[str, Any]] = []
+        total = self.strategy.generations(self.config)
+        bar = tqdm(
+            total=total, initial=start, desc=f"{task} it{iteration}", unit="gen",
+            disable=not self.progress, leave=False,
+        )  # fmt: skip
+        for g in range(start, total):
+            records, improved = self.generation(ctx, g)
+            history.extend(records)
+            uncommitted.extend(records)
+            if improved and self.commit is not None and self.strategy.publishes:
+                self._commit_generation(ctx, g, uncommitted)
+                uncommitted = []
+            bar.update(1)
+        bar.close()
+        result = self._finish(ctx, history, t0)
+        if self.commit is not None and self.strategy.publishes:
+            note = f"{task} it{iteration}"
+            self.commit(system, agent, [*uncommitted, result.summary], note)
+        self.log(_summary_line(result))
+        return result
+
+    def context(self, system: System, task: str, iteration: int, agent: str) -> IterationContext:
+        """Unlocks the task and gathers population, seeds and offspring counts (start_task)."""
+        from mu2net.tasks import data as task_data
+
+        cfg = self.config
+        family = get_family(cfg.family)
+        root = class_root(system, cfg)
+        system.unlock_task(task, agent)
+        best = system.best_path(task)
+        if best is not None and path_class(best) != path_class(root):
+            raise ConfigError(
+                f"task {task!r} was evolved by agent class {path_class(best)!r}; this agent is "
+                f"{path_class(root)!r} (run an agent of that class, or another task)"
+            )
+        classes = loadable_classes(cfg)
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), iteration])
+        others = [p for p in system.paths.values() if path_class(p) in classes]
+        seeds = seed_paths(others, task, rng)
+        population = [best] if best else []
+        ctx = IterationContext(
+            task=task, iteration=iteration, agent=agent, info=task_data.task_info(task),
+            system=system, family=family, config=cfg, space=self.strategy.search_space(cfg),
+            defaults=cfg.path_defaults(family.default_hparams()), root=root,
+            population=population, seeds=seeds,
+            offspring=load_offspring(task, best, [*population, *seeds]),
+            lineage=Lineage(system, {}, root), score=lambda p, q=None: -math.inf,
+        )  # fmt: skip
+        ctx.score = lambda p, q=None: self.strategy.score(ctx, p, q)
+        self._revalidate(ctx)
+        self.strategy.begin(ctx)
+        return ctx
+
+    def generation(self, ctx: IterationContext, g: int) -> tuple[list[dict[str, Any]], bool]:
+        """Trains one generation; returns its records and whether the best path improved."""
+        cfg = ctx.config
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(ctx.task.encode()), ctx.iteration, g])
+        best_before = self.best(ctx)
+        ds, ds_changes = sample_dataset_hparams(
+            ctx.defaults,
+            best_before.hparams if best_before else None,
+            ctx.space,
+            float(ctx.defaults.get("_mu_", 0.1)),
+            rng,
+        )
+        ds.setdefault("ds_image_size", ctx.defaults.get("ds_image_size"))
+        spec = GenerationSpec(g, ds, ds_changes, rng)
+        proposals = self.strategy.propose(ctx, spec, self.strategy.candidates(cfg, g))
+        longest = max((p.num_validations or cfg.num_validations for p in proposals), default=0)
+        data = candidate.generation_data(ctx, spec, longest)
+        records, improved = [], []
+        for proposal in proposals:
+            record, path = candidate.train_proposal(ctx, spec, data, proposal)
+            record.update(
+                generation=g, ds_mutations=ds_changes, iteration=ctx.iteration
+            )  # fmt: skip
+            records.append(record)
+            self.scalar(ctx.task, "candidate_quality", float(record["quality"] or 0.0))
+            if path is not None:
+                improved.append(path)
+        # Improved children join the population only after the whole generation (§4.6).
+        ctx.population.extend(improved)
+        ctx.lineage.candidates.update({p.id: p for p in improved})
+        self._prune(ctx)
+        best = self.best(ctx)
+        self.scalar(ctx.task, "best_score_per_generation", ctx.score(best) if best else 0.0)
+        return records, best is not None and best is not best_before
+
+    # ------------------------------------------------------------------ helpers
+    def best(self, ctx: IterationContext) -> Path | None:
+        """The population's best path; ties go to the most recent (µ2Net/µ3Net)."""
+        if not ctx.population:
+            return None
+        return max(ctx.population, key=lambda p: (ctx.score(p), p.metrics.get("created", 0.0)))
+
+    def _prune(self, ctx: IterationContext) -> None:
+        cap = ctx.config.max_population
+        if cap and len(ctx.population) > cap:
+            ranked = sorted(
+                ctx.population,
+                key=lambda p: (ctx.score(p), p.metrics.get("created", 0.0)),
+                reverse=True,
+            )
+            ctx.population[:] = ranked[:cap]
+
+    def _revalidate(self, ctx: IterationContext) -> None:
+        """Re-measures the published path when it was validated under other settings."""
+        best = ctx.population[0] if ctx.population else None
+        settings = candidate.validation_settings(ctx)
+        if best is None or best.metrics.get("validation") == settings:
+            return
+        from mu2net.train.trainer import evaluate
+
+        ds = {k: v for k, v in best.hparams.items() if k.startswith("ds_")}
+        val = candidate.validation_data(ctx, ds)
+        quality, _ = evaluate(ctx.family, best.hparams, ctx.system.params_of(best), val)
+        self.log(
+            f"[{ctx.task}] validation settings changed ({best.metrics.get('validation')} -> "
+            f"{settings}): re-validated {best.id}: {best.metrics.get('quality')} -> {quality:.4f}"
+        )
+        best.metrics.update(quality=float(quality), validation=settings)
+
+    def _resume_generation(self, ctx: IterationContext) -> int:
+        """First generation to run: after the last one committed in this iteration."""
+        best = ctx.population[0] if ctx.population else None
+        progress = (best.metrics.get(PROGRESS_KEY) or {}) if best else {}
+        if progress.get("iteration") == ctx.iteration:
+            return int(progress["generation"]) + 1
+        return 0
+
+    def _publish(self, ctx: IterationContext, best: Path) -> None:
+        system = ctx.system
+        best.metrics[OFFSPRING_KEY] = dump_offspring(ctx.offspring)
+        best.metrics["class_names"] = list(ctx.info.class_names)
+        system.publish(best)
+        system.drop_unpublished_except(self._population_components(ctx))
+        best.metrics["accounted_params"] = system.accounted_params(best)
+        best.metrics["score"] = ctx.score(best)
+
+    @staticmethod
+    def _population_components(ctx: IterationContext) -> set[str]:
+        return {cid for p in ctx.population for cid in p.components.values()}
+
+    def _commit_generation(self, ctx: IterationContext, g: int, records: list) -> None:
+        best = self.best(ctx)
+        best.metrics[PROGRESS_KEY] = {"iteration": ctx.iteration, "generation": g}
+        self._publish(ctx, best)
+        self.commit(ctx.system, ctx.agent, records, f"{ctx.task} it{ctx.iteration} gen{g}")
+        # The task keeps training: its own components are unlocked again (always cloned).
+        ctx.system.unlock_task(ctx.task, ctx.agent)
+
+    def _finish(self, ctx: IterationContext, history: list, t0: float) -> IterationResult:
+        system, cfg = ctx.system, ctx.config
+        old = system.best_path(ctx.task)
+        best = self.best(ctx)
+        if best is None:
+            raise candidate.IterationFailed(
+                f"task {ctx.task!r}: no candidate trained successfully "
+                f"({sum(h['failed'] for h in history)} failed)"
+            )
+        best.metrics.pop(PROGRESS_KEY, None)
+        best.metrics["task_iterations"] = ctx.iteration + 1
+        new_best = old is None or best.id != old.id or "test_quality" not in best.metrics
+        if self.strategy.publishes:
+            self._publish(ctx, best)
+            system.drop_unpublished_except(set())
+        if cfg.test_eval and self.strategy.publishes and new_best:
+            best.metrics["test_quality"] = candidate.test_quality(ctx, best)[0]
+        summary = {
+            "event": "task_iteration",
+            "task": ctx.task,
+            "iteration": ctx.iteration,
+            "strategy": self.strategy.name,
+            "best": best.id,
+            "new_best": old is None or best.id != old.id,
+            "quality": best.metrics.get("quality"),
+            "test_quality": best.metrics.get("test_quality"),
+            "accounted_params": best.metrics.get("accounted_params"),
+            "seconds": time.time() - t0,
+            "candidates": len(history),
+            "examples": sum(int(h.get("examples", 0)) for h in history),
+        }
+        return IterationResult(summary, best, history)
+
+
+def _summary_line(result: IterationResult) -> str:
+    s, best = result.summary, result.best
+    return (
+        f"[{s['task']}] iteration {s['iteration']}: best {best.id} quality "
+        f"{best.metrics.get('quality', float('nan')):.4f} "
+        f"test {best.metrics.get('test_quality') or float('nan'):.4f} "
+        f"({'new best' if s['new_best'] else 'unchanged'}, {s['seconds']:.0f}s)"
+    )
