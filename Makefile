@@ -21,6 +21,10 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	@# import-linter reads the installed layout (the top-level folders mapped into mu2net.*).
+	rm -rf build/lint
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --target build/lint .
+	cd build/lint && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --no-cache ../../pyproject.toml
 
 test: venv lint
 	$(PY) -m pytest -q -n 2 --durations=15 tests
