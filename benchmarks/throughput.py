@@ -59,6 +59,7 @@ def setup(batch: int, steps: int):
     """Family, hparams, pretrained params and ``steps`` cached training batches."""
     from mu2net.evolution import data as evo_data
     from mu2net.models.base import get_family
+    from mu2net.train.batching import validation_batches
 
     family = get_family("efficientnet_lite0")
     hp = {
@@ -80,9 +81,7 @@ def setup(batch: int, steps: int):
     t0 = time.perf_counter()
     list(evo_data.TrainStream(TASK, family, ds, batch, steps, seed=1))
     data_s = {"first_stream_s": first_s, "s_per_batch": (time.perf_counter() - t0) / steps}
-    val = evo_data.validation_batches(
-        evo_data.eval_arrays(TASK, "validation", family, ds, batch), batch
-    )
+    val = validation_batches(evo_data.eval_arrays(TASK, "validation", family, ds, batch), batch)
     return family, hp, params, batches, val, data_s
 
 

@@ -136,6 +136,7 @@ def run_baseline(
     from mu2net.evolution import data as evo_data
     from mu2net.evolution.roots import class_root
     from mu2net.evolution.runner import TaskIterationRunner
+    from mu2net.train.batching import eval_batches
     from mu2net.train.trainer import evaluate
 
     clone_rule(kind, get_family(config.family))  # names a bad kind before any work
@@ -149,9 +150,7 @@ def run_baseline(
     best = result.best
     record = result.history[0]
     family = get_family(cfg.family)
-    test = evo_data.eval_batches(
-        evo_data.eval_arrays(task, "test", family, best.hparams), cfg.batch_size
-    )
+    test = eval_batches(evo_data.eval_arrays(task, "test", family, best.hparams), cfg.batch_size)
     acc, preds = evaluate(family, best.hparams, scratch.params_of(best), test)
     return BaselineResult(
         kind=kind,

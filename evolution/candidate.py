@@ -27,6 +27,7 @@ from mu2net.evolution.strategy import (
     finite_or_none,
 )
 from mu2net.system.state import Path
+from mu2net.train.batching import validation_batches
 
 
 class IterationFailed(Mu2netError, RuntimeError):
@@ -73,7 +74,7 @@ def validation_data(ctx: IterationContext, ds: dict[str, Any]) -> list[dict]:
     """The fixed validation batches of the active task under dataset hparams ``ds``."""
     cfg = ctx.config
     arrays = evo_data.eval_arrays(ctx.task, "validation", ctx.family, ds, cfg.validation_examples)
-    return evo_data.validation_batches(arrays, cfg.batch_size)
+    return validation_batches(arrays, cfg.batch_size, cfg.validation_examples)
 
 
 def generation_data(

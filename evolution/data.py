@@ -45,26 +45,6 @@ def eval_arrays(
     )
 
 
-def validation_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> list[dict]:
-    """Equal-size batches over the validation examples (reference §4.5).
-
-    With n examples and b = ceil(n / batch_size) batches, each batch holds floor(n / b): every
-    evaluation sees exactly the same examples and no batch shape is new.
-    """
-    n = len(arrays["targets"])
-    if n == 0:
-        raise ValueError("validation split is empty")
-    num = -(-n // batch_size)
-    size = n // num
-    return [{k: v[i * size : (i + 1) * size] for k, v in arrays.items()} for i in range(num)]
-
-
-def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> list[dict]:
-    """All examples in batches (the last one partial), for test evaluation."""
-    n = len(arrays["targets"])
-    return [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
-
-
 class TrainStream:
     """The training batches of one generation, identical for every candidate."""
 

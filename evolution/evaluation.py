@@ -10,6 +10,7 @@ import numpy as np
 from mu2net.evolution import data as evo_data
 from mu2net.models.base import get_family
 from mu2net.system.state import StateError, System
+from mu2net.train.batching import eval_batches
 
 
 def evaluate_path(
@@ -23,7 +24,7 @@ def evaluate_path(
         raise StateError(f"task {task!r} has no published path")
     family = get_family(path.family)
     arrays = evo_data.eval_arrays(task, split, family, path.hparams)
-    batches = evo_data.eval_batches(arrays, batch_size)
+    batches = eval_batches(arrays, batch_size)
     acc, preds = evaluate(family, path.hparams, system.params_of(path), batches)
     return float(acc), np.asarray(preds), arrays["targets"].reshape(-1)
 

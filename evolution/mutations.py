@@ -19,7 +19,13 @@ import numpy as np
 
 from mu2net.errors import Mu2netError
 from mu2net.evolution.hparams import bernoulli, mutate_model_hparams, mutation_probability
-from mu2net.models.base import Family, format_adapter_layers, parse_adapter_layers, shape_signature
+from mu2net.models.base import (
+    Family,
+    format_adapter_layers,
+    freeze_hparams,
+    parse_adapter_layers,
+    shape_signature,
+)
 from mu2net.system.state import Path, System
 
 ANCESTRY_KEY = "ancestry"
@@ -128,7 +134,7 @@ def _expected_signatures(family: Family, arch_key: tuple, frozen: tuple) -> dict
 
 def expected_signatures(family: Family, hparams: Mapping[str, Any]) -> dict[str, str]:
     """Shape signature of every component of an architecture (no params materialised)."""
-    frozen = tuple(sorted((k, v) for k, v in hparams.items() if not isinstance(v, dict | list)))
+    frozen = freeze_hparams(hparams)
     return _expected_signatures(family, family.architecture_key(hparams), frozen)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mu2net.models.base import Family
+from mu2net.models.base import Family, freeze_hparams
 
 _MAX_CACHE_BYTES = 1536 * 2**20
 
@@ -123,7 +123,7 @@ class PrefixCache:
         if key in self._entries:
             self.hits += 1
             return self._entries[key]
-        frozen = tuple(sorted((k, v) for k, v in hparams.items() if not isinstance(v, dict | list)))
+        frozen = freeze_hparams(hparams)
         fn = _prefix_fn(self.family, self.family.architecture_key(hparams), frozen, stop)
         probe = np.asarray(fn(params, self.train_batches[0]["inputs"]))
         total = probe.nbytes * (len(self.train_batches) + len(self.val_batches))

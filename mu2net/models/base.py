@@ -218,7 +218,7 @@ class Family(abc.ABC):
 
     def flops(self, hparams: Mapping[str, Any]) -> float:
         """FLOPs of one forward pass on one example (XLA cost analysis; cached)."""
-        return _cached_flops(self, self.architecture_key(hparams), _freeze(hparams))
+        return _cached_flops(self, self.architecture_key(hparams), freeze_hparams(hparams))
 
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Raises :class:`FamilyError` naming the key when hparams are inconsistent."""
@@ -234,7 +234,8 @@ class Family(abc.ABC):
                 )
 
 
-def _freeze(hparams: Mapping[str, Any]) -> tuple:
+def freeze_hparams(hparams: Mapping[str, Any]) -> tuple:
+    """The scalar hparams as a sorted tuple: a hashable key for caches of compiled functions."""
     return tuple(sorted((k, v) for k, v in hparams.items() if not isinstance(v, dict | list)))
 
 

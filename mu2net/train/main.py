@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,6 +31,7 @@ from mu2net import gin_utils
 from mu2net.errors import Mu2netError
 from mu2net.models.base import Family, FamilyError, get_family, shape_signature
 from mu2net.train._gin import gin
+from mu2net.train.batching import eval_batches, validation_batches
 from mu2net.train.trainer import TrainConfig, TrainError, evaluate, split_path, train_candidate
 
 REQUIRED_MACROS = ("TASK", "FAMILY", "MODEL_DIR")
@@ -52,26 +52,6 @@ class TaskData:
     test_batches: list[Mapping[str, np.ndarray]]
     train_size: int | None = None
     name: str = ""
-
-
-def split_validation(arrays: Mapping[str, np.ndarray], batch_size: int, cap: int):
-    """Equal-size validation batches as in reference §4.5.
-
-    With ``n >= cap`` examples: ``floor(cap / batch_size)`` batches of ``batch_size``; else
-    ``ceil(n / batch_size)`` batches of ``floor(n / #batches)`` (a few examples may be left out).
-    """
-    n = len(arrays["targets"])
-    if n >= cap:
-        count, size = max(cap // batch_size, 1), min(batch_size, n)
-    else:
-        count = math.ceil(n / batch_size)
-        size = n // count
-    return [{k: v[i * size : (i + 1) * size] for k, v in arrays.items()} for i in range(count)]
-
-
-def _eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
-    n = len(arrays["targets"])
-    return [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
 
 
 @gin.configurable
@@ -119,8 +99,8 @@ def seqio_task_data(
     return TaskData(
         info.num_classes,
         train,
-        split_validation(val, batch_size, validation_examples),
-        _eval_batches(test, batch_size),
+        validation_batches(val, batch_size, validation_examples),
+        eval_batches(test, batch_size),
         sizes.get("train"),
         info.name,
     )

@@ -113,7 +113,8 @@ def synthetic_task_data(
     test_examples: int = 50,
 ):
     """A :class:`mu2net.train.main.TaskData` of :func:`synthetic_data` (binary tests, no TF)."""
-    from mu2net.train.main import TaskData, split_validation
+    from mu2net.train.batching import validation_batches
+    from mu2net.train.main import TaskData
 
     del family
     hp = {**FAMILY.default_hparams(), **dict(hparams)}
@@ -135,7 +136,7 @@ def synthetic_task_data(
     return TaskData(
         num_classes=int(hp["num_classes"]),
         train_batches=train,
-        validation_batches=split_validation(flat["validation"], batch_size, validation_examples)
+        validation_batches=validation_batches(flat["validation"], batch_size, validation_examples)
         if validation_examples
         else [],
         test_batches=test,
