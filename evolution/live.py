@@ -42,11 +42,3 @@ def add_tasks_to_store(store: Store, tasks: Sequence[str], validate: bool = True
         system.add_task(task, task_shard(task))
         store.commit(system, task_shard(task), note=f"add-task {task}")
     return store.load()
-
-
-def live_mixture(store: Store):
-    """Registers and returns the versioned seqio Mixture of the store's live tasks."""
-    from mu2net import mixtures
-
-    system = store.load()
-    return mixtures.register_live_mixture(store.system_name, system.tasks, len(system.tasks))

@@ -100,8 +100,8 @@ def _resolve(name: str, search: Sequence[str]) -> str | None:
     return None
 
 
-def check_required_macros(names: Sequence[str]) -> None:
-    """Raises naming every REQUIRED macro the configuration left unset."""
+def check_required_macros(names: Sequence[str], declared_in: str = "") -> None:
+    """Raises :class:`GinConfigError` naming every REQUIRED macro the configuration left unset."""
     missing = []
     for name in names:
         try:
@@ -109,9 +109,11 @@ def check_required_macros(names: Sequence[str]) -> None:
         except ValueError:
             missing.append(name)
             continue
-        if value in (None, "", "REQUIRED"):
+        if value is None or value in ("", "REQUIRED") or repr(value) == "%gin.REQUIRED":
             missing.append(name)
     if missing:
+        where = f" (declared in {declared_in})" if declared_in else ""
         raise GinConfigError(
-            f"required gin macro(s) not set: {missing}; bind them with --gin.{missing[0]}=..."
+            f"required gin macro(s) not set: {missing}{where}; "
+            f"set them with e.g. --gin.{missing[0]}=\"'...'\""
         )

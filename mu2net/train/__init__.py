@@ -7,7 +7,6 @@ modules and are not imported here.
 from mu2net.train.compile_cache import CompileCache, default_cache, enable_persistent_cache
 from mu2net.train.optim import lr_schedule, make_optimizer
 from mu2net.train.partitioning import Partitioner, default_partitioner, make_mesh
-from mu2net.train.population import train_population
 from mu2net.train.trainer import (
     CandidateResult,
     TrainConfig,
@@ -34,5 +33,4 @@ __all__ = [
     "predict_logits",
     "split_path",
     "train_candidate",
-    "train_population",
 ]

@@ -226,19 +226,6 @@ def train_path(
     return summary
 
 
-def _missing_macros(names: Sequence[str]) -> list[str]:
-    missing = []
-    for name in names:
-        try:
-            value = gin.query_parameter(f"%{name}")
-        except ValueError:
-            missing.append(name)
-            continue
-        if value is None or value in ("", "REQUIRED") or repr(value) == "%gin.REQUIRED":
-            missing.append(name)
-    return missing
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the binary on ``argv`` (without the program name); returns the exit code."""
     parser = argparse.ArgumentParser(prog="mu2net train", description=__doc__.splitlines()[0])
@@ -249,12 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gin.clear_config()
     try:
         gin_utils.parse_gin(args, finalize=False)
-        missing = _missing_macros(REQUIRED_MACROS)
-        if missing:
-            raise TrainBinaryError(
-                f"required gin macro(s) not set: {missing} (declared in {DEFAULT_GIN_FILE}); "
-                f"set them with e.g. --gin.{missing[0]}=\"'...'\""
-            )
+        gin_utils.check_required_macros(REQUIRED_MACROS, DEFAULT_GIN_FILE)
         gin.finalize()
         summary = train_path()
     except (gin_utils.GinConfigError, TrainBinaryError, TrainError, FamilyError) as e:
