@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +16,7 @@ from mu2net import gin_utils
 from mu2net.evolution.config import EvolutionConfig
 from mu2net.evolution.loop import Evolver
 from mu2net.evolution.roots import create_root
+from mu2net.system.names import system_name_for
 from mu2net.system.store import Store, StoreError
 from mu2net.train._gin import gin
 
@@ -67,9 +67,7 @@ def open_or_create(url: str, config: EvolutionConfig, system_name: str | None = 
             p for p in store.fs.ls(store.root, detail=False) if ".tmp-" not in p
         ]:
             raise
-        name = system_name or os.path.basename(store.root.rstrip("/")) or "system"
-        # The name also names the live seqio mixture, which allows only [A-Za-z0-9_.].
-        store = Store.create(url, re.sub(r"[^A-Za-z0-9_.]", "_", name))
+        store = Store.create(url, system_name_for(system_name or store.root))
     create_root(store, config)
     return store
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -31,12 +29,13 @@ def cmd_init(args: argparse.Namespace) -> None:
     from mu2net import gin_utils
     from mu2net.evolution.config import EvolutionConfig
     from mu2net.evolution.roots import create_root
+    from mu2net.system.names import system_name_for
     from mu2net.system.store import Store
 
     if not args.gin_file:
         args.gin_file = [DEFAULT_EXPERIMENT]
     gin_utils.parse_gin(args)
-    store = Store.create(args.store, args.name or _default_name(args.store))
+    store = Store.create(args.store, args.name or system_name_for(args.store))
     root = create_root(store, EvolutionConfig())
     print(
         f"created system {store.system_name!r} at {args.store} with root {root.task} "
@@ -202,10 +201,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------ helpers
 def _fmt(x) -> str:
     return "-" if x is None else f"{float(x):.4f}"
-
-
-def _default_name(url: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", os.path.basename(url.rstrip("/"))) or "system"
 
 
 def _import_modules(modules: Sequence[str]) -> None:

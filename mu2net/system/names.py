@@ -50,6 +50,14 @@ def agent_for_task(task: str) -> str:
     return validate_agent_name(task.replace(":", "~").replace("#", "~"))
 
 
+def system_name_for(url: str) -> str:
+    """Default system name from a store URL's last part.
+
+    The name also names the live seqio mixture, which allows only ``[A-Za-z0-9_.]``.
+    """
+    return re.sub(r"[^A-Za-z0-9_.]", "_", url.rstrip("/").rsplit("/", 1)[-1]) or "system"
+
+
 def is_private(task: str) -> bool:
     """Private tasks never offer their paths as parents to other tasks (reference §1.4)."""
     return task.startswith(PRIVATE_PREFIX)
