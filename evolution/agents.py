@@ -101,7 +101,7 @@ def open_shared(url: str, config: EvolutionConfig, retries: int = 10) -> Store:
     last: Exception | None = None
     for attempt in range(retries):
         store = Store(url)
-        if not store.fs.exists(store._p(MARKER)):
+        if not store.exists(store.path_of(MARKER)):
             try:
                 name = os.path.basename(store.root.rstrip("/")) or "system"
                 Store.create(url, name.replace(" ", "_"))

@@ -205,17 +205,17 @@ def test_crash_between_params_and_manifest_keeps_previous_state(tmp_path, monkey
             metrics={"quality": 0.99},
         )
     )
-    real_put = Store._put
+    real_put = Store.put_bytes
 
     def crashing_put(self, path, data):
         if "manifest-" in path:
             raise OSError("No space left on device")  # the disk fills before the manifest
         return real_put(self, path, data)
 
-    monkeypatch.setattr(Store, "_put", crashing_put)
+    monkeypatch.setattr(Store, "put_bytes", crashing_put)
     with pytest.raises(OSError, match="No space"):
         store.commit(s, agent)
-    monkeypatch.setattr(Store, "_put", real_put)
+    monkeypatch.setattr(Store, "put_bytes", real_put)
     s2 = Store.open(url).load(lazy=False)
     assert s2.best_path("t:a").metrics["quality"] == 0.9
     # A half-written temp manifest (crash mid-file) is ignored too.
@@ -291,7 +291,7 @@ def test_same_shard_concurrent_commit_conflicts(tmp_path):
     with pytest.raises(StoreError):
         store.commit(s, agent)
     with pytest.raises(StoreConflict):
-        store._put(str(manifest), b"x")
+        store.put_bytes(str(manifest), b"x")
 
 
 def test_fsspec_memory_store():

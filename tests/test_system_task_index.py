@@ -31,13 +31,13 @@ def _new_best(s, task, seed, quality):
 def _reads(store):
     """Records the files ``store`` reads."""
     seen = []
-    real_get = store._get
+    real_get = store.get_bytes
 
     def get(path):
         seen.append(path)
         return real_get(path)
 
-    store._get = get
+    store.get_bytes = get
     return seen
 
 
@@ -94,17 +94,17 @@ def test_crash_between_manifest_and_index_never_serves_the_old_path(committed, m
     store = Store.open(url)
     agent = agent_for_task("t:a")
     new = _new_best(s, "t:a", seed=8, quality=0.98)
-    real_put = Store._put
+    real_put = Store.put_bytes
 
     def crashing_put(self, path, data):
         if "/tasks/" in path:
             raise OSError("killed")  # after the manifest: the commit itself has landed
         return real_put(self, path, data)
 
-    monkeypatch.setattr(Store, "_put", crashing_put)
+    monkeypatch.setattr(Store, "put_bytes", crashing_put)
     with pytest.raises(OSError, match="killed"):
         store.commit(s, agent)
-    monkeypatch.setattr(Store, "_put", real_put)
+    monkeypatch.setattr(Store, "put_bytes", real_put)
     # The committed path is served (through the full load), not the stale index.
     reader = Store.open(url)
     seen = _reads(reader)
@@ -128,7 +128,7 @@ def test_index_above_the_listed_manifests_is_ignored(committed):
     # An index of a commit the reader's listing does not include yet (or a stray file).
     body = {"seq": 5, "paths": [s.best_path("t:a").to_json()], "components": {}}
     body["paths"][0]["id"] = "bogus"
-    store._put(task_index.index_path(store, "t:a", agent, 5), store._document(body))
+    store.put_bytes(task_index.index_path(store, "t:a", agent, 5), store.document(body))
     assert Store.open(url).load_task("t:a").best_path("t:a").id == committed_id
 
 

@@ -1,29 +1,21 @@
 """The system store: one directory (local or any fsspec URL) with one shard per agent.
 
-Layout::
-
-    <root>/mu2net-store.json                      marker: format, version, system name
-    <root>/shards/<agent>/params/<c>-<u>.safetensors  one file per component, written once
-    <root>/shards/<agent>/history-<seq>-<u>.jsonl candidate log of one commit
-    <root>/shards/<agent>/manifest-<seq>.json     the commit itself, written last
-
-A commit writes the params of the components that are new since the agent's last commit, then
-its history, then the manifest, atomically (temp file + exclusive link/rename). A manifest lists
-every component of the shard still in use (with the file and sha256 that hold it), the shard's
-published paths and the tasks it added to the live mixture. Nothing is ever overwritten, so a
-crash loses at most uncommitted work and concurrent agents never write the same file. Readers
-merge the latest manifest of every shard and verify checksums of every file they read.
-Params are safetensors; nothing is ever unpickled.
+The file layout (names and patterns) is :mod:`mu2net.system.layout`. A commit writes the params
+of the components that are new since the agent's last commit, then its history, then the
+manifest, each written once (temp file + exclusive link, or a create-only object write). A
+manifest lists every component of the shard still in use (with the file and sha256 that hold
+it), the shard's published paths and the tasks it added to the live mixture. Nothing is ever
+overwritten, so a crash loses at most uncommitted work and concurrent agents never write the
+same file. Readers merge the latest manifest of every shard and verify checksums of every file
+they read. Params are safetensors; nothing is ever unpickled. A commit is fenced by the shard's
+lease (:mod:`mu2net.system.lease`): one writer per shard.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,26 +26,31 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from mu2net.errors import Mu2netError
-from mu2net.system import task_index
+from mu2net.system import documents, layout, lease, records, task_index
+from mu2net.system.documents import StoreConflict, StoreError
+from mu2net.system.layout import FORMAT, MARKER, VERSION
 from mu2net.system.names import validate_agent_name, validate_task_name
-from mu2net.system.state import Component, Path, System
+from mu2net.system.state import Component, System
 
-FORMAT = "mu2net-store"
-VERSION = 1
-MARKER = "mu2net-store.json"
-_MANIFEST_RE = re.compile(r"^manifest-(\d{8})\.json$")
+__all__ = [
+    "FORMAT",
+    "MARKER",
+    "VERSION",
+    "Store",
+    "StoreConflict",
+    "StoreError",
+    "decode_component",
+    "encode_component",
+    "flatten",
+    "unflatten",
+]
 _MOMENTUM = "momentum::"
 _BF16 = "::bf16"
 _LEAF = "::leaf"
-
-
-class StoreError(Mu2netError, RuntimeError):
-    """A store that cannot be read or written; the message names the file."""
-
-
-class StoreConflict(StoreError):
-    """Another writer committed the same shard sequence number first."""
+# Older names, kept for callers written before the layout module.
+_sha256 = documents.sha256
+_canonical = documents.canonical
+_MANIFEST_RE = layout.MANIFEST_RE
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
@@ -115,47 +112,70 @@ def _unflatten_any(flat: Mapping[str, np.ndarray]) -> Any:
     return flat[_LEAF] if set(flat) == {_LEAF} else unflatten(flat)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _canonical(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
 class Store:
-    """A system store at ``url`` (a local directory or any fsspec URL such as ``gs://``)."""
+    """A system store at ``url`` (a local directory or any fsspec URL such as ``gs://``).
+
+    Attributes:
+      url: the URL it was opened with.
+      leases: the shard leases this Store object holds, by agent (see :mod:`~.lease`).
+      bytes_read: bytes read so far (every read is counted: tests and benchmarks use it).
+      files_read: files read so far.
+    """
 
     def __init__(self, url: str):
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.leases: dict[str, lease.ShardLease] = {}
         self.bytes_read = 0
         self.files_read = 0
 
-    # ------------------------------------------------------------------ low-level I/O
-    def _p(self, *parts: str) -> str:
+    @property
+    def location(self) -> str:
+        """The store root as a full URL (the same for every Store opened on it)."""
+        return self.fs.unstrip_protocol(self.root.rstrip("/"))
+
+    # ------------------------------------------------------------------ file primitives
+    def path_of(self, *parts: str) -> str:
+        """The absolute path of a layout path (``layout.manifest_path(...)``, parts joined)."""
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """Writes ``data`` to ``path`` once (create-exclusive).
+
+        Raises:
+          StoreConflict: ``path`` exists already (another writer got there first).
+        """
+        self._put(path, data)  # the one write path (tests hook it to inject crashes)
+
     def _put(self, path: str, data: bytes) -> None:
-        """Writes ``data`` to ``path`` once: temp file, then an exclusive atomic publish."""
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
         if _is_local(self.fs):
+            tmp = layout.tmp_name(path)
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
             try:
                 os.link(tmp, path)  # fails if ``path`` exists: exclusive and atomic
             except FileExistsError:
                 raise StoreConflict(f"{path} already exists (a concurrent writer?)") from None
             finally:
                 os.unlink(tmp)
-        else:
+            return
+        try:
+            # A create-only object write: atomic on object stores (visible at close).
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            raise StoreConflict(f"{path} already exists (a concurrent writer?)") from None
+        except (ValueError, NotImplementedError):  # this filesystem has no "xb" mode
             if self.fs.exists(path):
-                self.fs.rm(tmp)
-                raise StoreConflict(f"{path} already exists (a concurrent writer?)")
+                raise StoreConflict(f"{path} already exists (a concurrent writer?)") from None
+            tmp = layout.tmp_name(path)
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
             self.fs.mv(tmp, path)
 
-    def _get(self, path: str) -> bytes:
+    def get_bytes(self, path: str) -> bytes:
+        """The bytes of ``path``; :class:`StoreError` naming it when it is missing."""
         try:
             with self.fs.open(path, "rb") as f:
                 data = f.read()
@@ -165,21 +185,45 @@ class Store:
         self.files_read += 1
         return data
 
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists."""
+        return self.fs.exists(path)
+
+    def list_dir(self, path: str) -> list[str]:
+        """Names (not paths) in folder ``path``, sorted; [] for a missing folder."""
+        if not self.fs.exists(path):
+            return []
+        try:
+            return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:  # removed between the two calls
+            return []
+
+    def delete(self, path: str) -> None:
+        """Removes ``path`` (only lease clean-up and tests remove anything)."""
+        self.fs.rm(path)
+
+    def document(self, body: Mapping[str, Any]) -> bytes:
+        """``body`` as a store document (header + checksum): manifests, indexes, records."""
+        return documents.encode(body)
+
+    def read_document(self, path: str, kind: str) -> dict[str, Any]:
+        """The verified body of the document at ``path`` (``kind`` names it in errors)."""
+        return documents.decode(path, self.get_bytes(path), kind)
+
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, url: str, system_name: str) -> Store:
         """Creates an empty store (refuses a directory that holds something else)."""
         validate_agent_name(system_name)
         store = cls(url)
-        marker = store._p(MARKER)
-        if store.fs.exists(marker):
+        marker = store.path_of(MARKER)
+        if store.exists(marker):
             raise StoreError(f"{marker}: a store already exists here")
-        if store.fs.exists(store.root) and [
-            p for p in store.fs.ls(store.root, detail=False) if ".tmp-" not in p
-        ]:  # a temp file is what a run killed inside ``create`` leaves behind
+        if [n for n in store.list_dir(store.root) if not layout.is_tmp(n)]:
+            # (a temp file is what a run killed inside ``create`` leaves behind)
             raise StoreError(f"{store.root}: directory is not empty and is not a mu2net store")
         body = {"format": FORMAT, "version": VERSION, "system": system_name, "created": time.time()}
-        store._put(marker, json.dumps(body, indent=1).encode())
+        store.put_bytes(marker, json.dumps(body, indent=1).encode())
         return store
 
     @classmethod
@@ -191,12 +235,15 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """The store marker (format, version, system name)."""
-        path = self._p(MARKER)
-        if not self.fs.exists(path):
+        path = self.path_of(MARKER)
+        if not self.exists(path):
             raise StoreError(
                 f"{path}: not a mu2net store (marker missing); create it with `mu2net init`"
             )
-        return self._check_header(path, self._parse_json(path, self._get(path)))
+        doc = documents.check_header(path, documents.parse_json(path, self.get_bytes(path)))
+        if not isinstance(doc.get("system"), str):
+            raise StoreError(f"{path}: store marker has no system name")
+        return doc
 
     @property
     def system_name(self) -> str:
@@ -206,67 +253,26 @@ class Store:
     # ------------------------------------------------------------------ reading
     def shards(self) -> list[str]:
         """Agent names that have a shard directory."""
-        base = self._p("shards")
-        if not self.fs.exists(base):
-            return []
-        return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+        return self.list_dir(self.path_of(layout.SHARDS))
 
     def manifest_seqs(self, agent: str) -> list[int]:
         """Committed sequence numbers of ``agent``'s shard, ascending."""
-        d = self._p("shards", agent)
-        if not self.fs.exists(d):
-            return []
-        seqs = []
-        for p in self.fs.ls(d, detail=False):
-            m = _MANIFEST_RE.match(os.path.basename(p))
-            if m:
-                seqs.append(int(m.group(1)))
-        return sorted(seqs)
+        names = self.list_dir(self.path_of(layout.shard_dir(agent)))
+        return sorted(int(m.group(1)) for m in map(layout.MANIFEST_RE.match, names) if m)
 
-    def _manifest_path(self, agent: str, seq: int) -> str:
-        return self._p("shards", agent, f"manifest-{seq:08d}.json")
+    def manifest_path(self, agent: str, seq: int) -> str:
+        """Absolute path of ``agent``'s manifest ``seq``."""
+        return self.path_of(layout.manifest_path(agent, seq))
 
-    def _parse_json(self, path: str, data: bytes) -> dict[str, Any]:
-        try:
-            doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"{path}: corrupt or truncated JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise StoreError(f"{path}: not a mu2net manifest (top level is not an object)")
-        return doc
-
-    def _check_header(self, path: str, doc: Mapping[str, Any]) -> dict[str, Any]:
-        if doc.get("format") != FORMAT:
-            raise StoreError(
-                f"{path}: foreign file (format {doc.get('format')!r}, expected {FORMAT!r})"
-            )
-        version = doc.get("version")
-        if not isinstance(version, int) or version > VERSION:
-            raise StoreError(
-                f"{path}: format version {version!r} is newer than this mu2net "
-                f"reads (<= {VERSION}); upgrade mu2net"
-            )
-        return dict(doc)
-
-    def _document(self, body: Mapping[str, Any]) -> bytes:
-        """``body`` wrapped with the store's header and its checksum (manifests, indexes)."""
-        doc = {"format": FORMAT, "version": VERSION, "sha256": _sha256(_canonical(body))}
-        return json.dumps({**doc, "body": body}, indent=1).encode()
-
-    def _read_document(self, path: str, kind: str) -> dict[str, Any]:
-        """The verified body of a file written by :meth:`_document` (``kind`` names it)."""
-        doc = self._check_header(path, self._parse_json(path, self._get(path)))
-        body = doc.get("body")
-        if not isinstance(body, dict) or doc.get("sha256") != _sha256(_canonical(body)):
-            raise StoreError(f"{path}: {kind} checksum mismatch (file corrupted)")
-        return body
+    _manifest_path = manifest_path  # older name, kept for existing callers
 
     def read_manifest(self, agent: str, seq: int) -> dict[str, Any]:
-        """Reads and verifies one manifest (header, version, checksum)."""
-        path = self._manifest_path(agent, seq)
-        body = self._read_document(path, "manifest")
+        """Reads and verifies one manifest (header, version, checksum, shape)."""
+        path = self.manifest_path(agent, seq)
+        body = self.read_document(path, "manifest")
         if body.get("agent") != agent:
             raise StoreError(f"{path}: manifest of agent {body.get('agent')!r} in shard {agent!r}")
+        records.check_manifest(path, body)
         return body
 
     def latest_manifest(self, agent: str, on_corrupt: str = "raise") -> dict[str, Any] | None:
@@ -304,17 +310,18 @@ class Store:
             body = self.latest_manifest(agent, on_corrupt=on_corrupt)
             if body is None:
                 continue
+            where = self.manifest_path(agent, body["seq"])
             for cid, rec in body["components"].items():
                 if not cid.startswith(agent + "/"):
                     raise StoreError(
-                        f"{self._manifest_path(agent, body['seq'])}: component "
-                        f"{cid!r} does not belong to shard {agent!r}"
+                        f"{where}: component {cid!r} does not belong to shard {agent!r}"
                     )
-                system.add_component(self._component_from_record(agent, cid, rec))
+                system.add_component(self.component_from_record(agent, cid, rec))
             for pd in body["paths"]:
-                system.paths[pd["id"]] = Path.from_json(pd)
-            task_entries.extend((t["added"], t["task"], agent) for t in body.get("tasks", []))
-            for k, v in body.get("counters", {}).items():
+                path = records.path_from_record(where, pd)
+                system.paths[path.id] = path
+            task_entries.extend((t["added"], t["task"], agent) for t in body["tasks"])
+            for k, v in body["counters"].items():
                 system.counters[k] = max(system.counters.get(k, 0), int(v))
         for _, task, agent in sorted(task_entries):
             if task not in system.tasks:
@@ -346,18 +353,18 @@ class Store:
             system.params_of(system.best_path(task))  # forces the reads and checksum checks
         return system
 
-    def _component_from_record(self, agent: str, cid: str, rec: Mapping[str, Any]) -> Component:
-        file = self._p("shards", agent, rec["file"])
+    def component_from_record(self, agent: str, cid: str, rec: Mapping[str, Any]) -> Component:
+        """A committed component whose params are read (and verified) on first access.
+
+        Args:
+          agent: the shard holding its file.
+          cid: the component id.
+          rec: its store record (name, family, signature, num_params, file, sha256, ...).
+        """
+        file = self.path_of(layout.shard_file(agent, rec["file"]))
 
         def loader(c: Component, file=file, digest=rec["sha256"]) -> tuple[Any, Any]:
-            data = self._get(file)
-            if _sha256(data) != digest:
-                raise StoreError(f"{file}: checksum mismatch for component {c.id} ({c.name})")
-            try:
-                params, mom = decode_component(data)
-            except Exception as e:  # safetensors raises its own error types
-                raise StoreError(f"{file}: unreadable params for component {c.id} ({e})") from e
-            return params, mom
+            return self.read_component_file(file, digest, f"component {c.id} ({c.name})")
 
         return Component(
             id=cid,
@@ -372,18 +379,46 @@ class Store:
             _loader=loader,
         )
 
+    def read_component_file(self, file: str, digest: str, what: str) -> tuple[Any, Any]:
+        """Params and momentum of a component file, checked against ``digest``.
+
+        Raises:
+          StoreError: naming ``file``: missing, checksum mismatch, unreadable or non-finite.
+        """
+        data = self.get_bytes(file)
+        if documents.sha256(data) != digest:
+            raise StoreError(f"{file}: checksum mismatch for {what}")
+        try:
+            params, mom = decode_component(data)
+        except Exception as e:  # safetensors and numpy raise their own error types
+            raise StoreError(f"{file}: unreadable params for {what} ({e})") from e
+        for key, v in _flatten_any(params).items():
+            # A published component never holds NaN/Inf (training refuses them): a file that
+            # does is damaged even if its checksum was recomputed.
+            if v.dtype.kind == "f" and not np.isfinite(v.astype(np.float32)).all():
+                raise StoreError(f"{file}: non-finite values in {key!r} of {what}")
+        return params, mom
+
     def history(self, agents: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Candidate records of every committed state (in commit order per shard)."""
         out = []
         for agent in agents if agents is not None else self.shards():
             body = self.latest_manifest(agent, on_corrupt="previous")
             for name in (body or {}).get("history_files", []):
-                path = self._p("shards", agent, name)
-                out.extend(json.loads(line) for line in self._get(path).splitlines() if line)
+                path = self.path_of(layout.shard_file(agent, name))
+                try:
+                    out.extend(
+                        json.loads(line) for line in self.get_bytes(path).splitlines() if line
+                    )
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise StoreError(f"{path}: corrupt history ({e})") from None
         return out
 
     def verify(self) -> int:
-        """Reads every component file of every shard and checks its checksum; returns the count."""
+        """Reads every component file of every shard and checks its checksum; returns the count.
+
+        ``mu2net verify`` (:mod:`mu2net.system.verify`) does the full scrub.
+        """
         system = self.load(lazy=True)
         for c in system.components.values():
             c.params  # noqa: B018
@@ -401,17 +436,61 @@ class Store:
 
         Returns the new sequence number. The manifest lists every component ``agent`` ever
         committed plus its new ones referenced by a published path; only the new are written.
+
+        Raises:
+          LeaseLostError: this process held the shard's lease and another took it over.
+          LeaseHeldError: another live process holds the shard's lease.
         """
         validate_agent_name(agent)
         self.info()
+        lease.fence(self, agent)  # before writing anything: a refused commit leaves no files
         prev = self.latest_manifest(agent)
-        if prev and not self.fs.exists(task_index.indexed_marker(self, agent, prev["seq"])):
+        if prev and not self.exists(self.path_of(layout.indexed_marker(agent, prev["seq"]))):
             # The last commit crashed before its task indexes: write them now (readers fall
             # back to the full load until then).
             all_tasks = {p["task"] for p in prev["paths"]}
             task_index.write_indexes(self, agent, prev, all_tasks, _records(system))
         seq = (prev["seq"] + 1) if prev else 0
         prev_components = dict(prev["components"]) if prev else {}
+        comp_records, written = self._write_components(system, agent, seq, prev_components)
+        history_files = list(prev.get("history_files", [])) if prev else []
+        history = list(history)
+        if history:
+            name = layout.history_name(seq)
+            lines = b"".join(documents.canonical(dict(h)) + b"\n" for h in history)
+            self.put_bytes(self.path_of(layout.shard_file(agent, name)), lines)
+            history_files.append(name)
+        prev_tasks = {t["task"]: t for t in (prev or {}).get("tasks", [])}
+        tasks = [
+            prev_tasks.get(t, {"task": t, "added": time.time()})
+            for t in system.tasks
+            if system.task_agents.get(t) == agent
+        ]
+        body = {
+            "agent": agent,
+            "seq": seq,
+            "created": time.time(),
+            "note": note,
+            "components": comp_records,
+            "paths": [p.to_json() for p in system.paths.values() if p.agent == agent],
+            "tasks": tasks,
+            "counters": {k: v for k, v in system.counters.items() if k.startswith(agent + ":")},
+            "history_files": history_files,
+        }
+        lease.fence(self, agent)  # again: the lease may have been lost while params were written
+        self.put_bytes(self.manifest_path(agent, seq), documents.encode(body))
+        for c in written:
+            c.committed = True
+            c.record = {**comp_records[c.id], "shard": agent}
+        task_index.write_indexes(
+            self, agent, body, task_index.changed_tasks(prev, body), _records(system)
+        )
+        return seq
+
+    def _write_components(
+        self, system: System, agent: str, seq: int, prev_components: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[Component]]:
+        """Writes the params of ``agent``'s newly used components; returns all records."""
         used = {cid for p in system.paths.values() for cid in p.components.values()}
         records: dict[str, Any] = {}
         written = []
@@ -427,10 +506,8 @@ class Store:
                     f"component {cid} is marked committed but shard {agent!r} has no record of it"
                 )
             data = encode_component(c.params, c.momentum)
-            # A unique suffix: a restarted agent reuses ids of uncommitted components, and must
-            # never collide with the orphan files a killed run left behind.
-            fname = f"params/{cid.split('/', 1)[1]}-{uuid.uuid4().hex[:8]}.safetensors"
-            self._put(self._p("shards", agent, fname), data)
+            fname = layout.component_name(cid)
+            self.put_bytes(self.path_of(layout.shard_file(agent, fname)), data)
             written.append(c)
             records[cid] = {
                 "name": c.name,
@@ -439,7 +516,7 @@ class Store:
                 "num_params": c.num_params,
                 "lineage": c.lineage,
                 "file": fname,
-                "sha256": _sha256(data),
+                "sha256": documents.sha256(data),
                 "bytes": len(data),
                 "seq": seq,
             }
@@ -447,38 +524,7 @@ class Store:
             # A committed component stays listed: another shard may share it even if this
             # agent no longer uses it (its params never change, so keeping it is free).
             records.setdefault(cid, rec)
-        history_files = list(prev.get("history_files", [])) if prev else []
-        history = list(history)
-        if history:
-            name = f"history-{seq:08d}-{uuid.uuid4().hex[:8]}.jsonl"
-            lines = b"".join(_canonical(dict(h)) + b"\n" for h in history)
-            self._put(self._p("shards", agent, name), lines)
-            history_files.append(name)
-        prev_tasks = {t["task"]: t for t in (prev or {}).get("tasks", [])}
-        tasks = [
-            prev_tasks.get(t, {"task": t, "added": time.time()})
-            for t in system.tasks
-            if system.task_agents.get(t) == agent
-        ]
-        body = {
-            "agent": agent,
-            "seq": seq,
-            "created": time.time(),
-            "note": note,
-            "components": records,
-            "paths": [p.to_json() for p in system.paths.values() if p.agent == agent],
-            "tasks": tasks,
-            "counters": {k: v for k, v in system.counters.items() if k.startswith(agent + ":")},
-            "history_files": history_files,
-        }
-        self._put(self._manifest_path(agent, seq), self._document(body))
-        for c in written:
-            c.committed = True
-            c.record = {**records[c.id], "shard": agent}
-        task_index.write_indexes(
-            self, agent, body, task_index.changed_tasks(prev, body), _records(system)
-        )
-        return seq
+        return records, written
 
 
 def _records(system: System) -> dict[str, dict[str, Any]]:

@@ -5,9 +5,10 @@ bytes. A commit therefore also writes, after its manifest, one small index per t
 published path it changed, holding that path and the store records (file, sha256) of every
 component it uses, from whichever shard::
 
-    <root>/tasks/<sha256(task)[:16]>/index-<agent>-<seq>.json   the task's path as of <seq>
-    <root>/shards/<agent>/indexed-<seq>.json                    commit <seq>'s indexes all exist
+    tasks/<sha256(task)[:16]>/index-<agent>-<seq>.json   the task's path as of <seq>
+    shards/<agent>/indexed-<seq>.json                    commit <seq>'s indexes all exist
 
+(names from :mod:`mu2net.system.layout`)
 Reading ``task`` lists its index folder and its shard's file names (no manifest content) and
 reads one index: O(1) bytes in the number of tasks. The newest index at or below the shard's
 latest manifest is current unless a commit after it lacks its ``indexed`` marker (a crash
@@ -17,40 +18,38 @@ agent's next commit writes the missing indexes. Index files are never overwritte
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mu2net.system import layout
+from mu2net.system.documents import StoreError
 from mu2net.system.names import validate_task_name
-from mu2net.system.state import Path, System
+from mu2net.system.records import check_component_record, path_from_record
+from mu2net.system.state import System
 
-if TYPE_CHECKING:
-    from mu2net.system.store import Store
-
-_INDEX_RE = re.compile(r"^index-(.+)-(\d{8})\.json$")
-_INDEXED_RE = re.compile(r"^indexed-(\d{8})\.json$")
+# ``store`` below is a :class:`mu2net.system.store.Store`; this module only uses its public
+# file methods, and the store imports this module (never the other way round).
 
 
-def task_dir(store: Store, task: str) -> str:
+def task_dir(store: Any, task: str) -> str:
     """The folder of ``task``'s index files (hashed: task names hold ':' and '#')."""
-    return store._p("tasks", hashlib.sha256(task.encode()).hexdigest()[:16])
+    return store.path_of(layout.task_dir(task))
 
 
-def index_path(store: Store, task: str, agent: str, seq: int) -> str:
+def index_path(store: Any, task: str, agent: str, seq: int) -> str:
     """The index file of ``task`` written by ``agent``'s commit ``seq``."""
-    return f"{task_dir(store, task)}/index-{agent}-{seq:08d}.json"
+    return store.path_of(layout.index_path(task, agent, seq))
 
 
-def indexed_marker(store: Store, agent: str, seq: int) -> str:
+def indexed_marker(store: Any, agent: str, seq: int) -> str:
     """The marker that says every index of ``agent``'s commit ``seq`` is written."""
-    return store._p("shards", agent, f"indexed-{seq:08d}.json")
+    return store.path_of(layout.indexed_marker(agent, seq))
 
 
 def write_indexes(
-    store: Store,
+    store: Any,
     agent: str,
     body: Mapping[str, Any],
     tasks: set[str],
@@ -81,11 +80,13 @@ def write_indexes(
             else:
                 return False
         path = index_path(store, pd["task"], agent, seq)
-        if store.fs.exists(path):  # written before a crash that lost only the marker
+        if store.exists(path):  # written before a crash that lost only the marker
             continue
         entry = {"task": pd["task"], "agent": agent, "seq": seq, "path": pd, "components": comps}
-        store._put(path, store._document(entry))
-    store._put(indexed_marker(store, agent, seq), store._document({"agent": agent, "seq": seq}))
+        store.put_bytes(path, store.document(entry))
+    marker = indexed_marker(store, agent, seq)
+    if not store.exists(marker):
+        store.put_bytes(marker, store.document({"agent": agent, "seq": seq}))
     return True
 
 
@@ -95,32 +96,24 @@ def changed_tasks(prev: Mapping[str, Any] | None, body: Mapping[str, Any]) -> se
     return {p["task"] for p in body["paths"] if not p["is_root"] and before.get(p["task"]) != p}
 
 
-def _names(store: Store, folder: str) -> list[str]:
-    if not store.fs.exists(folder):
-        return []
-    return [os.path.basename(p.rstrip("/")) for p in store.fs.ls(folder, detail=False)]
-
-
 def _matching(names: list[str], pattern: re.Pattern) -> list[tuple[str, ...]]:
     return [m.groups() for m in map(pattern.match, names) if m]
 
 
-def find_index(store: Store, task: str) -> str | None:
+def find_index(store: Any, task: str) -> str | None:
     """The current index file of ``task``, or None when only the full load can tell."""
-    from mu2net.system.store import _MANIFEST_RE  # the store names its manifests
-
-    entries = _matching(_names(store, task_dir(store, task)), _INDEX_RE)
+    entries = _matching(store.list_dir(task_dir(store, task)), layout.INDEX_RE)
     agents = {agent for agent, _ in entries}
     if len(agents) != 1:  # no index (older store, no commit yet) or a task that changed hands
         return None
     (agent,) = agents
-    shard = _names(store, store._p("shards", agent))
+    shard = store.list_dir(store.path_of(layout.shard_dir(agent)))
     # Listed again after the shard: an index of any commit whose marker was just seen is in it.
-    entries = _matching(_names(store, task_dir(store, task)), _INDEX_RE)
+    entries = _matching(store.list_dir(task_dir(store, task)), layout.INDEX_RE)
     if {a for a, _ in entries} != {agent}:
         return None
-    manifests = {int(s) for (s,) in _matching(shard, _MANIFEST_RE)}
-    markers = {int(s) for (s,) in _matching(shard, _INDEXED_RE)}
+    manifests = {int(s) for (s,) in _matching(shard, layout.MANIFEST_RE)}
+    markers = {int(s) for (s,) in _matching(shard, layout.INDEXED_RE)}
     if not manifests:
         return None
     latest = max(manifests)
@@ -133,18 +126,26 @@ def find_index(store: Store, task: str) -> str | None:
     return index_path(store, task, agent, newest)
 
 
-def read_index(store: Store, path: str, task: str) -> System:
+def read_index(store: Any, path: str, task: str) -> System:
     """A :class:`System` holding only ``task``'s path and its components (params lazy)."""
-    from mu2net.system.store import StoreError
-
-    entry = store._read_document(path, "task index")
+    entry = store.read_document(path, "task index")
     pd = entry.get("path")
-    if entry.get("task") != task or not isinstance(pd, dict) or pd.get("task") != task:
+    comps = entry.get("components")
+    if (
+        entry.get("task") != task
+        or not isinstance(pd, dict)
+        or pd.get("task") != task
+        or not isinstance(comps, dict)
+        or not isinstance(entry.get("agent"), str)
+    ):
         raise StoreError(f"{path}: index of task {entry.get('task')!r}, expected {task!r}")
     system = System()
-    for cid, rec in entry["components"].items():
-        system.add_component(store._component_from_record(rec["shard"], cid, rec))
-    path_obj = Path.from_json(pd)
+    for cid, rec in comps.items():
+        check_component_record(path, cid, rec)
+        if not isinstance(rec.get("shard"), str):
+            raise StoreError(f"{path}: record of component {cid!r} names no shard")
+        system.add_component(store.component_from_record(rec["shard"], cid, rec))
+    path_obj = path_from_record(path, pd)
     missing = [c for c in path_obj.components.values() if c not in system.components]
     if missing:
         raise StoreError(f"{path}: path {path_obj.id} uses components {missing} with no record")
@@ -155,10 +156,8 @@ def read_index(store: Store, path: str, task: str) -> System:
     return system
 
 
-def load_task(store: Store, task: str, on_corrupt: str = "raise") -> System:
+def load_task(store: Any, task: str, on_corrupt: str = "raise") -> System:
     """``task``'s published path from its index, else from the full load (same result)."""
-    from mu2net.system.store import StoreError
-
     validate_task_name(task)
     store.info()
     path = find_index(store, task)

@@ -1,0 +1,98 @@
+"""Shape checks of the JSON records a manifest and a task index hold.
+
+The checksum of a document proves that nobody changed its bytes, not that its writer wrote
+the right shape; these checks turn any malformed record (a field of the wrong type, a file name
+outside the layout, a bad task name) into a :class:`StoreError` that names the file, instead of
+a ``KeyError`` or ``TypeError`` deep in the loader.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mu2net.system import layout
+from mu2net.system.documents import StoreError
+from mu2net.system.names import NameError_, validate_task_name
+from mu2net.system.state import Path
+
+
+def path_from_record(where: str, record: Any) -> Path:
+    """A :class:`Path` from its JSON record; :class:`StoreError` naming ``where`` if malformed."""
+    try:
+        path = Path.from_json(record)
+        ok = (
+            all(isinstance(x, str) for x in (path.id, path.task, path.family, path.agent))
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in path.components.items())
+            and (path.parent is None or isinstance(path.parent, str))
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StoreError(f"{where}: malformed path record ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise StoreError(f"{where}: malformed path record {str(record)[:80]!r}")
+    if not path.is_root:
+        _task_name(where, path.task)
+    return path
+
+
+def _task_name(where: str, task: str) -> str:
+    try:
+        return validate_task_name(task)
+    except NameError_ as e:
+        raise StoreError(f"{where}: {e}") from None
+
+
+def check_component_record(where: str, cid: Any, rec: Any) -> None:
+    """Raises :class:`StoreError` naming ``where`` unless ``rec`` is a well-formed record."""
+    ok = (
+        isinstance(cid, str)
+        and isinstance(rec, dict)
+        and isinstance(rec.get("name"), str)
+        and isinstance(rec.get("family"), str)
+        and isinstance(rec.get("num_params"), int)
+        and not isinstance(rec.get("num_params"), bool)
+        and isinstance(rec.get("file"), str)
+        and layout.COMPONENT_RE.match(rec["file"]) is not None
+        and ".." not in rec["file"]
+        and isinstance(rec.get("sha256"), str)
+        and (rec.get("shard") is None or isinstance(rec["shard"], str))
+    )
+    if not ok:
+        raise StoreError(f"{where}: malformed record of component {str(cid)[:80]!r}")
+
+
+def check_manifest(where: str, body: dict[str, Any]) -> None:
+    """Raises :class:`StoreError` naming ``where`` unless every field has the right type."""
+    comps, paths = body.get("components"), body.get("paths")
+    tasks, counters = body.get("tasks", []), body.get("counters", {})
+    history_files = body.get("history_files", [])
+    seq = body.get("seq")
+    if (
+        not isinstance(seq, int)
+        or isinstance(seq, bool)
+        or not isinstance(comps, dict)
+        or not isinstance(paths, list)
+        or not isinstance(tasks, list)
+        or not isinstance(counters, dict)
+        or not isinstance(history_files, list)
+    ):
+        raise StoreError(f"{where}: malformed manifest (a field has the wrong type)")
+    for cid, rec in comps.items():
+        check_component_record(where, cid, rec)
+    for t in tasks:
+        if not (
+            isinstance(t, dict)
+            and isinstance(t.get("task"), str)
+            and isinstance(t.get("added"), (int, float))
+            and not isinstance(t.get("added"), bool)
+        ):
+            raise StoreError(f"{where}: malformed task entry {str(t)[:80]!r}")
+        _task_name(where, t["task"])
+    for k, v in counters.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise StoreError(f"{where}: malformed counter {k!r}")
+    for name in history_files:
+        if not isinstance(name, str) or not layout.HISTORY_RE.match(name):
+            raise StoreError(f"{where}: malformed history file name {str(name)[:80]!r}")
+    body.setdefault("tasks", tasks)  # older manifests may lack the optional lists
+    body.setdefault("counters", counters)
+    body.setdefault("history_files", history_files)
