@@ -41,6 +41,7 @@ from mu2net.errors import Mu2netError
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.loop import Evolver
 from mu2net.evolution.roots import create_root
+from mu2net.system.lease import ShardLease
 from mu2net.system.names import validate_agent_name, validate_task_name
 from mu2net.system.state import System
 from mu2net.system.store import MARKER, Store, StoreConflict, StoreError
@@ -152,12 +153,17 @@ def run_agent(
     validate_tasks: bool = True,
     max_task_iterations: int = 0,
     log: Callable[[str], None] = print,
+    wait_for_lease: bool = False,
+    lease_ttl_s: float = 30.0,
 ) -> list[dict[str, Any]]:
     """Runs ``agent`` until each of its tasks has ``cycles`` task iterations in the store.
 
     The count is absolute (what the store records), so a restarted agent resumes where its last
-    commit left off. Gin files of the agent are parsed into a fresh gin config for the duration
-    of the call (gin is process-global: run one gin-configured agent per process at a time).
+    commit left off. The agent holds its shard's lease for the whole run: a second process for
+    the same agent is refused (:class:`LeaseHeldError` naming the holder) unless
+    ``wait_for_lease``, and a crashed holder's lease expires after ``lease_ttl_s``. Gin files of
+    the agent are parsed into a fresh gin config for the duration of the call (gin is
+    process-global: run one gin-configured agent per process at a time).
 
     Returns:
       The summaries of the task iterations this call ran.
@@ -177,20 +183,36 @@ def run_agent(
         config = agent.build_config()
         config.num_cycles = int(cycles)
         store = open_shared(store_url, config)
-        claim_tasks(store, agent, validate=validate_tasks)
-        evolver = Evolver(
-            store,
-            config,
-            agent=agent.name,
-            tasks=agent.tasks,
-            logdir=logdir,
-            progress=progress,
-            log=log,
-        )
-        return evolver.run(max_task_iterations=max_task_iterations)
+        with ShardLease(store, agent.name, ttl_s=lease_ttl_s, wait=wait_for_lease):
+            claim_tasks(store, agent, validate=validate_tasks)
+            evolver = Evolver(
+                store,
+                config,
+                agent=agent.name,
+                tasks=agent.tasks,
+                logdir=logdir,
+                progress=progress,
+                log=log,
+            )
+            return evolver.run(max_task_iterations=max_task_iterations)
     finally:
         if uses_gin:
             gin.clear_config()
+
+
+def add_lease_flags(parser: argparse.ArgumentParser) -> None:
+    """``--wait_for_lease`` and ``--lease_ttl_s`` (agents and ``mu2net evolve``)."""
+    parser.add_argument(
+        "--wait_for_lease",
+        action="store_true",
+        help="wait for the process holding this agent's shard to finish instead of exiting",
+    )
+    parser.add_argument(
+        "--lease_ttl_s",
+        type=float,
+        default=30.0,
+        help="seconds a crashed holder's shard lease blocks others (renewed every ttl/3)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(prog="python -m mu2net.evolution.agents")
     parser.add_argument("--cycles", type=int, default=0, help="task iterations per task (0: gin)")
     parser.add_argument("--module", action="append", default=[], help="module to import first")
+    add_lease_flags(parser)
     args = parser.parse_args(gin_utils.rewrite_gin_args(sys.argv[1:] if argv is None else argv))
     try:
         if not args.agent or not args.tasks:
@@ -217,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             logdir=args.logdir or None,
             max_task_iterations=args.max_task_iterations,
+            wait_for_lease=args.wait_for_lease,
+            lease_ttl_s=args.lease_ttl_s,
         )
     except (gin_utils.GinConfigError, ValueError, StoreError) as e:
         print(f"mu2net agent: error: {e}", file=sys.stderr)

@@ -57,10 +57,22 @@ def cmd_evolve(args: argparse.Namespace) -> None:
     """Runs evolution, then prints the status."""
     from mu2net import gin_utils
     from mu2net.evolution import main as evolve_main
+    from mu2net.evolution.config import EvolutionConfig
+    from mu2net.system import lease
+    from mu2net.system.names import agent_for_task
 
     _import_modules(args.module)
     gin_utils.parse_gin(args)
-    summaries = evolve_main.run(args)
+    store = evolve_main.open_or_create(args.store, EvolutionConfig())
+    if args.agent:
+        shards = [args.agent]
+    else:  # one shard per task: the tasks it will evolve, known now (more are leased on commit)
+        tasks = [t for t in args.tasks.split(",") if t] or store.load().tasks
+        shards = [agent_for_task(t) for t in tasks + [t for t in args.add_tasks.split(",") if t]]
+    with lease.hold(
+        store, shards, ttl_s=args.lease_ttl_s, wait=args.wait_for_lease, auto=not args.agent
+    ):
+        summaries = evolve_main.run(args)
     print(f"{len(summaries)} task iteration(s) done")
     cmd_status(args)
 
@@ -238,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("add-task", "add seqio task(s) to the live mixture", module=True)
     p.add_argument("tasks", nargs="+", help="registered seqio task names")
     p = verb("evolve", "run evolution (cycles over the live mixture, or continuous)", module=True)
+    from mu2net.evolution.agents import add_lease_flags
     from mu2net.evolution.main import build_parser as evolve_parser
 
     for action in evolve_parser()._actions:
         if action.dest in ("help", "store"):
             continue
         p._add_action(action)
+    add_lease_flags(p)
     verb("status", "tasks, best paths, quality, params/task, sharing, last commit")
     p = verb("eval", "evaluate published paths on a split", module=True)
     p.add_argument("--tasks", nargs="*", default=None, help="tasks (default: all)")

@@ -31,12 +31,14 @@ commit on, and the taker, which reloads the store, sees it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mu2net.system import documents, layout
@@ -46,6 +48,7 @@ from mu2net.system.names import validate_agent_name
 log = logging.getLogger(__name__)
 
 _HELD: dict[tuple[str, str], ShardLease] = {}  # (store location, agent) -> lease held here
+_AUTO: dict[str, tuple[float, list[ShardLease]]] = {}  # store location -> auto-lease policy
 _HELD_LOCK = threading.Lock()
 _MAX_RACES = 100  # consecutive lost creates before giving up (each means progress by another)
 
@@ -133,6 +136,50 @@ def fence(store: Any, agent: str) -> None:
     _, body = current(store, agent)
     if is_live(body):
         raise LeaseHeldError(_held_message(store, agent, body))
+    with _HELD_LOCK:
+        auto = _AUTO.get(store.location)
+    if auto is not None:  # inside hold(..., auto=True): take every shard this process writes
+        ttl_s, leases = auto
+        leases.append(ShardLease(store, agent, ttl_s=ttl_s).acquire())
+
+
+@contextlib.contextmanager
+def hold(
+    store: Any,
+    agents: Iterable[str],
+    ttl_s: float = 30.0,
+    wait: bool = False,
+    wait_timeout_s: float | None = None,
+    auto: bool = False,
+) -> Iterator[list[ShardLease]]:
+    """Holds the leases of ``agents``' shards (sorted order, so two holders never deadlock).
+
+    Args:
+      store: the store.
+      agents: shards to lease now.
+      ttl_s: lease time to live.
+      wait: wait for live holders instead of raising :class:`LeaseHeldError`.
+      wait_timeout_s: give up waiting after this long.
+      auto: also lease, at its first commit, every other shard this process commits to in
+        this store (a continuous run that picks up tasks added later writes their shards).
+
+    Yields:
+      The held leases (auto-acquired ones are appended as they are taken).
+    """
+    leases: list[ShardLease] = []
+    try:
+        for agent in sorted(set(agents)):
+            leases.append(ShardLease(store, agent, ttl_s, wait, wait_timeout_s).acquire())
+        if auto:
+            with _HELD_LOCK:
+                _AUTO[store.location] = (ttl_s, leases)
+        yield leases
+    finally:
+        if auto:
+            with _HELD_LOCK:
+                _AUTO.pop(store.location, None)
+        for held in reversed(leases):
+            held.release()
 
 
 class ShardLease:
