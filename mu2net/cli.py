@@ -1,6 +1,6 @@
 """The ``mu2net`` command: a thin layer that parses arguments and calls the library.
 
-Verbs: init, add-task, evolve, status, eval, predict, report, train, cache-tasks, demo.
+Verbs: init, add-task, evolve, status, verify, eval, predict, report, train, cache-tasks, demo.
 Usage errors exit with code 2 (argparse); failures of the work itself exit with 1 and one
 line that names the culprit. ``status`` imports neither TensorFlow nor seqio.
 """
@@ -116,6 +116,37 @@ def cmd_status(args: argparse.Namespace) -> None:
     last = max((store.latest_manifest(a) or {}).get("created", 0) for a in store.shards())
     if last:
         print(f"last commit: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
+    print(_verify_line(store))
+
+
+def _verify_line(store) -> str:
+    from mu2net.system.verify import last_result
+
+    rec = last_result(store)
+    if rec is None:
+        return "last verify: never (run `mu2net verify --store URL`)"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["finished"]))
+    result = "OK" if rec.get("ok") else f"{rec.get('faults')} fault(s)"
+    return (
+        f"last verify: {when}: {result} ({rec.get('files')} files, {rec.get('seconds', 0):.1f} s)"
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    """Scrubs every file the latest state references; non-zero exit on any fault."""
+    from mu2net.system.store import Store
+    from mu2net.system.verify import record_result, verify_store
+
+    store = Store.open(args.store)
+    report = verify_store(store, repair=args.repair)
+    for path in report.repaired:
+        print(f"repaired: {path}")
+    for fault in report.faults:
+        print(fault.line())
+    record_result(store, report)
+    print(report.summary())
+    if not report.ok:
+        raise CliError(f"{len(report.faults)} fault(s) in store {args.store} (listed above)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -258,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p._add_action(action)
     add_lease_flags(p)
-    verb("status", "tasks, best paths, quality, params/task, sharing, last commit")
+    verb("status", "tasks, best paths, quality, params/task, sharing, last commit and verify")
+    p = verb("verify", "check every file the latest state references (checksums, indexes)")
+    p.add_argument(
+        "--repair", action="store_true", help="rewrite task indexes (never params/manifests)"
+    )
     p = verb("eval", "evaluate published paths on a split", module=True)
     p.add_argument("--tasks", nargs="*", default=None, help="tasks (default: all)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
@@ -296,6 +331,7 @@ VERBS = {
     "add-task": cmd_add_task,
     "evolve": cmd_evolve,
     "status": cmd_status,
+    "verify": cmd_verify,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "report": cmd_report,

@@ -11,10 +11,10 @@ import sys
 import time
 
 import pytest
+from test_system_store import build_system
 
 from mu2net.system import Store, agent_for_task, layout, lease
 from mu2net.system.lease import LeaseHeldError
-from tests.test_system_store import build_system
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GIN = os.path.join(REPO, "tests", "data", "tiny_vit.gin")

@@ -5,11 +5,11 @@ import threading
 import time
 
 import pytest
+from test_system_store import build_system
 
 from mu2net.errors import Mu2netError
 from mu2net.system import Store, agent_for_task, layout, lease
 from mu2net.system.lease import LeaseHeldError, LeaseLostError, ShardLease
-from tests.test_system_store import build_system
 
 AGENT = agent_for_task("t:a")
 

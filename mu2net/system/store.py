@@ -385,19 +385,7 @@ class Store:
         Raises:
           StoreError: naming ``file``: missing, checksum mismatch, unreadable or non-finite.
         """
-        data = self.get_bytes(file)
-        if documents.sha256(data) != digest:
-            raise StoreError(f"{file}: checksum mismatch for {what}")
-        try:
-            params, mom = decode_component(data)
-        except Exception as e:  # safetensors and numpy raise their own error types
-            raise StoreError(f"{file}: unreadable params for {what} ({e})") from e
-        for key, v in _flatten_any(params).items():
-            # A published component never holds NaN/Inf (training refuses them): a file that
-            # does is damaged even if its checksum was recomputed.
-            if v.dtype.kind == "f" and not np.isfinite(v.astype(np.float32)).all():
-                raise StoreError(f"{file}: non-finite values in {key!r} of {what}")
-        return params, mom
+        return check_component_data(file, self.get_bytes(file), digest, what)
 
     def history(self, agents: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Candidate records of every committed state (in commit order per shard)."""
@@ -525,6 +513,26 @@ class Store:
             # agent no longer uses it (its params never change, so keeping it is free).
             records.setdefault(cid, rec)
         return records, written
+
+
+def check_component_data(file: str, data: bytes, digest: str, what: str) -> tuple[Any, Any]:
+    """Params and momentum decoded from ``data`` (the bytes of ``file``), checked.
+
+    Raises:
+      StoreError: naming ``file``: checksum mismatch, unreadable params or non-finite values.
+    """
+    if documents.sha256(data) != digest:
+        raise StoreError(f"{file}: checksum mismatch for {what}")
+    try:
+        params, mom = decode_component(data)
+    except Exception as e:  # safetensors and numpy raise their own error types
+        raise StoreError(f"{file}: unreadable params for {what} ({e})") from e
+    for key, v in _flatten_any(params).items():
+        # A published component never holds NaN/Inf (training refuses them): a file that
+        # does is damaged even if its checksum was recomputed.
+        if v.dtype.kind == "f" and not np.isfinite(v.astype(np.float32)).all():
+            raise StoreError(f"{file}: non-finite values in {key!r} of {what}")
+    return params, mom
 
 
 def _records(system: System) -> dict[str, dict[str, Any]]:
