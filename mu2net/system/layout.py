@@ -41,6 +41,8 @@ COMPONENT_RE = re.compile(r"^params/(.+)-([0-9a-f]{8})\.safetensors$")
 INDEXED_RE = re.compile(r"^indexed-(\d{8})\.json$")
 INDEX_RE = re.compile(r"^index-(.+)-(\d{8})\.json$")
 LEASE_RE = re.compile(r"^lease-(\d{8})\.json$")
+# Component and path ids: ``<agent>/<kind><n>`` (ASCII; the agent part is a shard name).
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.~-]{0,127}/[A-Za-z0-9_.~-]{1,128}$")
 VERIFY_RE = re.compile(r"^verify-(\d{13})-([0-9a-f]{8})\.json$")
 
 

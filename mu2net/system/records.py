@@ -12,26 +12,37 @@ from typing import Any
 
 from mu2net.system import layout
 from mu2net.system.documents import StoreError
-from mu2net.system.names import NameError_, validate_task_name
+from mu2net.system.names import NameError_, validate_agent_name, validate_task_name
 from mu2net.system.state import Path
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, str) and layout.ID_RE.match(x) is not None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def path_from_record(where: str, record: Any) -> Path:
     """A :class:`Path` from its JSON record; :class:`StoreError` naming ``where`` if malformed."""
-    try:
-        path = Path.from_json(record)
-        ok = (
-            all(isinstance(x, str) for x in (path.id, path.task, path.family, path.agent))
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in path.components.items())
-            and (path.parent is None or isinstance(path.parent, str))
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StoreError(f"{where}: malformed path record ({type(e).__name__}: {e})") from None
+    r = record
+    ok = (
+        isinstance(r, dict)
+        and _is_id(r.get("id"))
+        and all(isinstance(r.get(k), str) for k in ("task", "family", "agent"))
+        and isinstance(r.get("components"), dict)
+        and all(isinstance(k, str) and _is_id(v) for k, v in r["components"].items())
+        and isinstance(r.get("hparams"), dict)
+        and isinstance(r.get("metrics", {}), dict)
+        and (r.get("parent") is None or _is_id(r.get("parent")))
+        and isinstance(r.get("is_root", False), bool)
+    )
     if not ok:
-        raise StoreError(f"{where}: malformed path record {str(record)[:80]!r}")
-    if not path.is_root:
-        _task_name(where, path.task)
-    return path
+        raise StoreError(f"{where}: malformed path record {str(record)[:100]!r}")
+    if not r.get("is_root", False):
+        _task_name(where, r["task"])
+    return Path.from_json(r)
 
 
 def _task_name(where: str, task: str) -> str:
@@ -44,7 +55,7 @@ def _task_name(where: str, task: str) -> str:
 def check_component_record(where: str, cid: Any, rec: Any) -> None:
     """Raises :class:`StoreError` naming ``where`` unless ``rec`` is a well-formed record."""
     ok = (
-        isinstance(cid, str)
+        _is_id(cid)
         and isinstance(rec, dict)
         and isinstance(rec.get("name"), str)
         and isinstance(rec.get("family"), str)
@@ -54,10 +65,16 @@ def check_component_record(where: str, cid: Any, rec: Any) -> None:
         and layout.COMPONENT_RE.match(rec["file"]) is not None
         and ".." not in rec["file"]
         and isinstance(rec.get("sha256"), str)
+        and (rec.get("bytes") is None or _is_int(rec["bytes"]))
         and (rec.get("shard") is None or isinstance(rec["shard"], str))
     )
     if not ok:
         raise StoreError(f"{where}: malformed record of component {str(cid)[:80]!r}")
+    if rec.get("shard") is not None:
+        try:
+            validate_agent_name(rec["shard"])  # it becomes part of a file path
+        except NameError_ as e:
+            raise StoreError(f"{where}: record of component {cid!r}: {e}") from None
 
 
 def check_manifest(where: str, body: dict[str, Any]) -> None:
@@ -78,6 +95,8 @@ def check_manifest(where: str, body: dict[str, Any]) -> None:
         raise StoreError(f"{where}: malformed manifest (a field has the wrong type)")
     for cid, rec in comps.items():
         check_component_record(where, cid, rec)
+    for pd in paths:
+        path_from_record(where, pd)
     for t in tasks:
         if not (
             isinstance(t, dict)

@@ -26,6 +26,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from mu2net.models.base import shape_signature
 from mu2net.system import documents, layout, lease, records, task_index
 from mu2net.system.documents import StoreConflict, StoreError
 from mu2net.system.layout import FORMAT, MARKER, VERSION
@@ -283,14 +284,23 @@ class Store:
           on_corrupt: "raise" (default) raises :class:`StoreError` naming the broken file;
             "previous" warns and falls back to the newest earlier manifest that verifies.
         """
+        body, skipped = self._latest_readable(agent, on_corrupt)
+        for err in skipped:
+            warnings.warn(f"skipping broken state: {err}", stacklevel=2)
+        return body
+
+    def _latest_readable(
+        self, agent: str, on_corrupt: str
+    ) -> tuple[dict[str, Any] | None, list[StoreError]]:
+        skipped = []
         for seq in reversed(self.manifest_seqs(agent)):
             try:
-                return self.read_manifest(agent, seq)
+                return self.read_manifest(agent, seq), skipped
             except StoreError as e:
                 if on_corrupt != "previous":
                     raise
-                warnings.warn(f"skipping broken state: {e}", stacklevel=2)
-        return None
+                skipped.append(e)
+        return None, skipped
 
     def load(
         self,
@@ -306,8 +316,13 @@ class Store:
         self.info()
         system = System()
         task_entries = []
+        sources: dict[str, str] = {}  # path id -> the manifest that holds it
+        skipped: list[StoreError] = []  # broken states "previous" fell back from
         for agent in agents if agents is not None else self.shards():
-            body = self.latest_manifest(agent, on_corrupt=on_corrupt)
+            body, errors = self._latest_readable(agent, on_corrupt)
+            for err in errors:
+                warnings.warn(f"skipping broken state: {err}", stacklevel=2)
+            skipped.extend(errors)
             if body is None:
                 continue
             where = self.manifest_path(agent, body["seq"])
@@ -320,6 +335,7 @@ class Store:
             for pd in body["paths"]:
                 path = records.path_from_record(where, pd)
                 system.paths[path.id] = path
+                sources[path.id] = where
             task_entries.extend((t["added"], t["task"], agent) for t in body["tasks"])
             for k, v in body["counters"].items():
                 system.counters[k] = max(system.counters.get(k, 0), int(v))
@@ -330,9 +346,12 @@ class Store:
         for p in system.paths.values():
             missing = [c for c in p.components.values() if c not in system.components]
             if missing:
+                why = (
+                    f"; skipped broken state(s): {'; '.join(map(str, skipped))}" if skipped else ""
+                )
                 raise StoreError(
-                    f"path {p.id} of task {p.task!r} references component(s) "
-                    f"{missing} that no shard holds (missing or foreign shard)"
+                    f"{sources[p.id]}: path {p.id} of task {p.task!r} references component(s) "
+                    f"{missing} that no shard holds (missing or foreign shard){why}"
                 )
         system.recompute_locks()
         if not lazy:
@@ -364,7 +383,8 @@ class Store:
         file = self.path_of(layout.shard_file(agent, rec["file"]))
 
         def loader(c: Component, file=file, digest=rec["sha256"]) -> tuple[Any, Any]:
-            return self.read_component_file(file, digest, f"component {c.id} ({c.name})")
+            what = f"component {c.id} ({c.name})"
+            return self.read_component_file(file, digest, what, c.signature)
 
         return Component(
             id=cid,
@@ -379,13 +399,16 @@ class Store:
             _loader=loader,
         )
 
-    def read_component_file(self, file: str, digest: str, what: str) -> tuple[Any, Any]:
-        """Params and momentum of a component file, checked against ``digest``.
+    def read_component_file(
+        self, file: str, digest: str, what: str, signature: str | None = None
+    ) -> tuple[Any, Any]:
+        """Params and momentum of a component file, checked (see :func:`check_component_data`).
 
         Raises:
-          StoreError: naming ``file``: missing, checksum mismatch, unreadable or non-finite.
+          StoreError: naming ``file``: missing, checksum mismatch, unreadable, non-finite, or
+            shapes/dtypes other than ``signature``.
         """
-        return check_component_data(file, self.get_bytes(file), digest, what)
+        return check_component_data(file, self.get_bytes(file), digest, what, signature)
 
     def history(self, agents: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Candidate records of every committed state (in commit order per shard)."""
@@ -515,11 +538,21 @@ class Store:
         return records, written
 
 
-def check_component_data(file: str, data: bytes, digest: str, what: str) -> tuple[Any, Any]:
+def check_component_data(
+    file: str, data: bytes, digest: str, what: str, signature: str | None = None
+) -> tuple[Any, Any]:
     """Params and momentum decoded from ``data`` (the bytes of ``file``), checked.
 
+    Args:
+      file: the file ``data`` was read from (named in errors).
+      data: its bytes.
+      digest: the sha256 its record holds.
+      what: the component, for messages.
+      signature: the record's shape signature; the decoded params must have it.
+
     Raises:
-      StoreError: naming ``file``: checksum mismatch, unreadable params or non-finite values.
+      StoreError: naming ``file``: checksum mismatch, unreadable params, non-finite values, or
+        shapes/dtypes other than the record's.
     """
     if documents.sha256(data) != digest:
         raise StoreError(f"{file}: checksum mismatch for {what}")
@@ -532,6 +565,8 @@ def check_component_data(file: str, data: bytes, digest: str, what: str) -> tupl
         # does is damaged even if its checksum was recomputed.
         if v.dtype.kind == "f" and not np.isfinite(v.astype(np.float32)).all():
             raise StoreError(f"{file}: non-finite values in {key!r} of {what}")
+    if signature is not None and shape_signature(params) != signature:
+        raise StoreError(f"{file}: params of {what} have other shapes/dtypes than its record")
     return params, mom
 
 

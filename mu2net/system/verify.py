@@ -163,7 +163,9 @@ class _Scrub:
                     self.fault(file, kind, detail, tasks)
                     continue
                 try:
-                    check_component_data(file, data, rec["sha256"], f"component {cid}")
+                    check_component_data(
+                        file, data, rec["sha256"], f"component {cid}", rec.get("signature")
+                    )
                 except StoreError as e:
                     self.fault(file, _kind(e), str(e).replace(f"{file}: ", ""), tasks)
 
