@@ -381,10 +381,6 @@ def test_bad_input(case, base, bad_tasks, capsys):
         assert set(after["paths"]) - set(before["paths"]) == {base["system"].best_path(TASK).id}
 
 
-def test_catalogue_size():
-    assert len(CASES) >= 20
-
-
 # ------------------------------------------------------------------------------ no code from data
 SOURCE_DIRS = ("mu2net", "tasks", "mixtures", "evolution")
 # The only unpicklers allowed: closed find_class allowlists for formats we do not control.

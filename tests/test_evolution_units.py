@@ -68,6 +68,14 @@ def test_per_type_mu_is_stored_and_inherited():
     space = {"_mu_": [0.1, 0.2, 0.3], "opt_lr": [0.001, 0.01, 0.1]}
     mutate_model_hparams(hp, space, np.random.default_rng(0), per_type=True)
     assert "_mu_|hp:opt_lr" in hp and hp["_mu_|hp:opt_lr"] in space["_mu_"]
+    # A child inherits its parent's per-type probability, not the global _mu_: with the
+    # stored value at 0 (and no _mu_ list to move it) opt_lr never mutates, at 1 always.
+    space = {"opt_lr": [0.001, 0.01, 0.1]}
+    never = [{"_mu_": 1.0, "_mu_|hp:opt_lr": 0.0, "opt_lr": 0.01} for _ in range(30)]
+    always = [{"_mu_": 0.0, "_mu_|hp:opt_lr": 1.0, "opt_lr": 0.01} for _ in range(30)]
+    rng = np.random.default_rng(1)
+    assert not any(mutate_model_hparams(h, space, rng, per_type=True) for h in never)
+    assert all(mutate_model_hparams(h, space, rng, per_type=True) for h in always)
 
 
 def test_dataset_hparams_come_from_the_best_path():

@@ -322,8 +322,18 @@ def test_tensorboard_metrics_written(setup, tmp_path):
     params, data, val = setup
     r = _train(params, data, val, writer=str(tmp_path))
     assert r.improved
-    files = list(tmp_path.rglob("events.out.tfevents*"))
-    assert files and files[0].stat().st_size > 0
+    import tensorflow as tf
+
+    logged = []
+    for f in tmp_path.rglob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in event.summary.value:
+                if v.tag == "validation/accuracy":
+                    logged.append((event.step, float(tf.make_ndarray(v.tensor))))
+    # Every validation is logged at its step with the accuracy the trainer recorded.
+    expected = sorted((int(s), float(q)) for s, q in r.evals)
+    assert [s for s, _ in sorted(logged)] == [s for s, _ in expected]
+    assert [q for _, q in sorted(logged)] == pytest.approx([q for _, q in expected], rel=1e-6)
 
 
 def test_suffix_executable_shares_one_compile_and_matches_exact_training(setup):

@@ -148,15 +148,17 @@ def test_real_task_glue(tmp_path, capsys):
             "--gin.train_path.progress=False",
             "--gin.train_path.logdir=''",
             "--gin.TrainConfig.batch_size=32",
-            "--gin.TrainConfig.steps_between_validations=5",
-            "--gin.TrainConfig.num_validations=1",
+            "--gin.TrainConfig.steps_between_validations=30",
+            "--gin.TrainConfig.num_validations=2",
             "--gin.seqio_task_data.validation_examples=64",
         ],
         capsys,
     )
     assert code == 0, io.err
     result = json.loads((out / "result.json").read_text())
-    assert result["hparams"]["num_classes"] == 10 and result["test_accuracy"] is not None
+    assert result["hparams"]["num_classes"] == 10
+    # Trained on the real task: above chance (0.1) on its test split (deterministic: 0.2).
+    assert result["test_accuracy"] > 0.15, result
 
 
 def test_includes_resolve_beside_a_runs_folder(tmp_path, monkeypatch):
