@@ -28,6 +28,8 @@ By default each run is a fork of this process, which imported everything once, r
 (tests/test_reliability_crash.py) does. Prints a table and writes ``benchmarks/faults.json``.
 
 Usage: ``python benchmarks/faults.py [--kills 24] [--seed 0] [--spawn fork|subprocess]``.
+``--fuzz N`` runs N fuzzed-store-file cases instead (the mutations and oracle of
+``tests/test_system_fuzz.py``) and reports cases tried and violations (``faults_fuzz.json``).
 """
 
 from __future__ import annotations
@@ -441,6 +443,7 @@ def same_system(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 def leftovers(url: str) -> dict[str, int]:
     """Files a killed run left behind: temp files and params files no manifest lists."""
+    from mu2net.system import layout
     from mu2net.system.store import Store
 
     store = Store.open(url)
@@ -450,7 +453,7 @@ def leftovers(url: str) -> dict[str, int]:
         for seq in store.manifest_seqs(agent):
             body = store.read_manifest(agent, seq)
             listed |= {r["file"] for r in body["components"].values()}
-        for p in store.fs.find(store._p("shards", agent)):
+        for p in store.fs.find(store.path_of(layout.shard_dir(agent))):
             rel = p.split(f"/shards/{agent}/", 1)[1]
             if ".tmp-" in rel:
                 tmp += 1
@@ -585,7 +588,7 @@ def _child_main(argv: Sequence[str]) -> int:
     put_index = int(put_index)
     from mu2net.system import store as store_mod
 
-    original = store_mod.Store._put
+    original = store_mod.Store.put_bytes
     count = [0]
 
     def die():
@@ -610,7 +613,7 @@ def _child_main(argv: Sequence[str]) -> int:
         original(self, path, data)
         die()
 
-    store_mod.Store._put = hooked
+    store_mod.Store.put_bytes = hooked
     from mu2net.evolution.main import main
 
     return main(args)
@@ -726,6 +729,38 @@ def print_table(report: Mapping[str, Any]) -> None:
     )
 
 
+def fuzz(cases: int, seed: int, out: str) -> int:
+    """The long run of the fuzzed readers: ``cases`` mutated store files, one table."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import test_system_fuzz  # the same mutations and oracle as the CI test
+
+    t0 = time.time()
+    stats = test_system_fuzz.run_cases(cases, seed=seed)
+    report = {
+        "cases_tried": stats["cases"],
+        "violations": len(stats["violations"]),
+        "first_violations": stats["violations"][:20],
+        "by_mutation": dict(sorted(stats["kinds"].items())),
+        "seconds": time.time() - t0,
+        "seed": seed,
+    }
+    rows = [[k, str(v)] for k, v in report["by_mutation"].items()]
+    width = max(len(r[0]) for r in rows) if rows else 8
+    print(f"{'mutation':<{width}}  cases")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print(
+        f"fuzzed store files: {report['cases_tried']} cases tried, {report['violations']} "
+        f"violations (crash outside mu2net errors, unnamed file, or a different system) "
+        f"in {report['seconds']:.0f} s"
+    )
+    for v in report["first_violations"]:
+        print("  " + v[:300])
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0 if report["violations"] == 0 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark and writes ``benchmarks/faults.json``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -740,7 +775,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fork: import once, fork a child per run (fast on a busy CPU); subprocess: "
         "`python -m mu2net.evolution.main` per run (what the CI test does)",
     )
+    p.add_argument(
+        "--fuzz",
+        type=int,
+        default=0,
+        help="instead of kills: run this many fuzzed-store-file cases (tests/test_system_fuzz.py)"
+        " and report cases tried and crashes outside mu2net errors",
+    )
     args = p.parse_args(argv)
+    if args.fuzz:
+        return fuzz(args.fuzz, args.seed, args.out.replace("faults.json", "faults_fuzz.json"))
     if args.spawn == "fork":
         preimport()
     workdir = args.workdir or tempfile.mkdtemp(prefix="mu2net-faults-")

@@ -28,7 +28,7 @@ from mu2net.system.lease import LeaseLostError, ShardLease
 mode, url, agent, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 store = Store.open(url)
 if mode == "renew-kill":  # SIGKILL self inside the first lease renewal (PHASE: where)
-    phase, real, writes = sys.argv[5], Store._put, []
+    phase, real, writes = sys.argv[5], Store.put_bytes, []
     def hooked(self, path, data):
         if "/leases/" not in path:
             return real(self, path, data)
@@ -42,7 +42,7 @@ if mode == "renew-kill":  # SIGKILL self inside the first lease renewal (PHASE: 
             real(self, path, data)
         print("KILLED", path, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    Store._put = hooked
+    Store.put_bytes = hooked
 if mode == "take":  # wait for the lease, then commit once
     print("READY", flush=True)
     t0 = time.time()

@@ -15,9 +15,24 @@ from mu2net.system.documents import StoreError
 from mu2net.system.names import NameError_, validate_agent_name, validate_task_name
 from mu2net.system.state import Path
 
+# Every writer of this format wrote all of these (since the first version): one missing means
+# the record was damaged, and defaulting it would load a different system without a word.
+PATH_KEYS = (
+    "id",
+    "task",
+    "family",
+    "components",
+    "hparams",
+    "agent",
+    "parent",
+    "metrics",
+    "is_root",
+)
+MANIFEST_KEYS = ("agent", "seq", "components", "paths", "tasks", "counters", "history_files")
+
 
 def _is_id(x: Any) -> bool:
-    return isinstance(x, str) and layout.ID_RE.match(x) is not None
+    return isinstance(x, str) and layout.ID_RE.match(x) is not None and ".." not in x
 
 
 def _is_int(x: Any) -> bool:
@@ -29,18 +44,19 @@ def path_from_record(where: str, record: Any) -> Path:
     r = record
     ok = (
         isinstance(r, dict)
+        and all(k in r for k in PATH_KEYS)
         and _is_id(r.get("id"))
         and all(isinstance(r.get(k), str) for k in ("task", "family", "agent"))
         and isinstance(r.get("components"), dict)
         and all(isinstance(k, str) and _is_id(v) for k, v in r["components"].items())
         and isinstance(r.get("hparams"), dict)
-        and isinstance(r.get("metrics", {}), dict)
-        and (r.get("parent") is None or _is_id(r.get("parent")))
-        and isinstance(r.get("is_root", False), bool)
+        and isinstance(r["metrics"], dict)
+        and (r["parent"] is None or _is_id(r["parent"]))
+        and isinstance(r["is_root"], bool)
     )
     if not ok:
         raise StoreError(f"{where}: malformed path record {str(record)[:100]!r}")
-    if not r.get("is_root", False):
+    if not r["is_root"]:
         _task_name(where, r["task"])
     return Path.from_json(r)
 
@@ -57,6 +73,8 @@ def check_component_record(where: str, cid: Any, rec: Any) -> None:
     ok = (
         _is_id(cid)
         and isinstance(rec, dict)
+        and all(k in rec for k in ("signature", "lineage"))
+        and (rec["lineage"] is None or isinstance(rec["lineage"], str))
         and isinstance(rec.get("name"), str)
         and isinstance(rec.get("family"), str)
         and isinstance(rec.get("num_params"), int)
@@ -79,18 +97,18 @@ def check_component_record(where: str, cid: Any, rec: Any) -> None:
 
 def check_manifest(where: str, body: dict[str, Any]) -> None:
     """Raises :class:`StoreError` naming ``where`` unless every field has the right type."""
-    comps, paths = body.get("components"), body.get("paths")
-    tasks, counters = body.get("tasks", []), body.get("counters", {})
-    history_files = body.get("history_files", [])
-    seq = body.get("seq")
-    if (
-        not isinstance(seq, int)
-        or isinstance(seq, bool)
-        or not isinstance(comps, dict)
-        or not isinstance(paths, list)
-        or not isinstance(tasks, list)
-        or not isinstance(counters, dict)
-        or not isinstance(history_files, list)
+    missing = [k for k in MANIFEST_KEYS if k not in body]
+    if missing:
+        raise StoreError(f"{where}: malformed manifest (missing {missing})")
+    comps, paths, tasks = body["components"], body["paths"], body["tasks"]
+    counters, history_files, seq = body["counters"], body["history_files"], body["seq"]
+    if not (
+        _is_int(seq)
+        and isinstance(comps, dict)
+        and isinstance(paths, list)
+        and isinstance(tasks, list)
+        and isinstance(counters, dict)
+        and isinstance(history_files, list)
     ):
         raise StoreError(f"{where}: malformed manifest (a field has the wrong type)")
     for cid, rec in comps.items():
@@ -107,11 +125,8 @@ def check_manifest(where: str, body: dict[str, Any]) -> None:
             raise StoreError(f"{where}: malformed task entry {str(t)[:80]!r}")
         _task_name(where, t["task"])
     for k, v in counters.items():
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not _is_int(v):
             raise StoreError(f"{where}: malformed counter {k!r}")
     for name in history_files:
         if not isinstance(name, str) or not layout.HISTORY_RE.match(name):
             raise StoreError(f"{where}: malformed history file name {str(name)[:80]!r}")
-    body.setdefault("tasks", tasks)  # older manifests may lack the optional lists
-    body.setdefault("counters", counters)
-    body.setdefault("history_files", history_files)
