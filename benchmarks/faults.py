@@ -1,6 +1,6 @@
 """Crash-safety benchmark: SIGKILL ``mu2net evolve`` at random instants, restart, check the store.
 
-Runs ``python -m mu2net.evolution.main --gin_file=tests/data/tiny_vit.gin`` as a subprocess on the
+Runs ``python -m mu2net.cli evolve --gin_file=tests/data/tiny_vit.gin`` as a subprocess on the
 small bundled tasks and kills it with SIGKILL, then restarts it, over and over, in *chains*: a
 chain starts from an empty store and ends with an uninterrupted run that must complete. Two kinds
 of kill are mixed:
@@ -23,8 +23,8 @@ reference run of the same configuration (same seed, so resuming from the last co
 the same system).
 
 By default each run is a fork of this process, which imported everything once, running the same
-``mu2net.evolution.main.main``: on a busy 2-core CPU the ~25 s of imports per run would dominate.
-``--spawn=subprocess`` runs ``python -m mu2net.evolution.main`` each time, as the CI test
+``mu2net evolve`` main: on a busy 2-core CPU the ~25 s of imports per run would dominate.
+``--spawn=subprocess`` runs ``python -m mu2net.cli evolve`` each time, as the CI test
 (tests/test_reliability_crash.py) does. Prints a table and writes ``benchmarks/faults.json``.
 
 Usage: ``python benchmarks/faults.py [--kills 24] [--seed 0] [--spawn fork|subprocess]``.
@@ -57,6 +57,10 @@ TINY_GIN = os.path.join(REPO, "tests", "data", "tiny_vit.gin")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.json")
 CHILD_FLAG = "--fault-child"
 PHASES = ("before", "tmp", "after")
+# Every run holds its shards' leases (``mu2net evolve``); a restart after a kill waits for the
+# dead holder's lease to expire, so the TTL is short.
+LEASE_TTL_S = 3.0
+LEASE_FLAGS = ("--wait_for_lease", f"--lease_ttl_s={LEASE_TTL_S}")
 _ITER_RE = re.compile(r"^\[(?P<task>[^\]]+)\] iteration (?P<it>\d+):")
 _PROGRESS_RE = re.compile(r"(?P<task>\S+) it(?P<it>\d+):.*?(?P<done>\d+)/(?P<total>\d+)")
 
@@ -68,8 +72,9 @@ class KillSpec:
 
     Attributes:
       kind: ``"timed"`` (the parent kills ``delay`` s after the ``after_commits``-th committed task
-        iteration of this run) or ``"write"`` (the run kills itself at its ``put``-th store write,
-        in ``phase`` before / tmp / after).
+        iteration of this run), ``"write"`` (the run kills itself at its ``put``-th store write
+        other than a lease write, in ``phase`` before / tmp / after) or ``"lease"`` (at its
+        ``put``-th lease write: 1 is the acquire, 2 and more are renewals).
     """
 
     kind: str
@@ -82,15 +87,21 @@ class KillSpec:
         """One line for the table."""
         if self.kind == "timed":
             return f"timed: {self.delay:.1f}s after commit #{self.after_commits}"
-        return f"write: store write #{self.put}, {self.phase}"
+        return f"{self.kind}: {self.kind} write #{self.put}, {self.phase}"
 
 
 def sample_specs(n: int, rng: np.random.Generator, max_delay: float = 8.0) -> list[KillSpec]:
-    """``n`` kill specs: two thirds timed (random delay after a commit), one third mid-commit."""
+    """``n`` kill specs: 1/2 timed (random delay after a commit), 1/3 mid-commit, 1/6 in a lease
+    renewal."""
     specs = []
     for _ in range(n):
-        if rng.random() < 2 / 3:
+        r = rng.random()
+        if r < 1 / 2:
             specs.append(KillSpec("timed", after_commits=1, delay=float(rng.uniform(0, max_delay))))
+        elif r < 2 / 3:
+            specs.append(
+                KillSpec("lease", put=int(rng.integers(2, 5)), phase=str(rng.choice(PHASES)))
+            )
         else:
             # A restart's first writes are its first commit: >= 1 params file, history, manifest.
             specs.append(
@@ -138,16 +149,17 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def command(args: Sequence[str], spec: KillSpec | None = None) -> list[str]:
     """The evolve command line; write-kills run through this file's hooked child mode."""
-    if spec is not None and spec.kind == "write":
+    if spec is not None and spec.kind in ("write", "lease"):
         return [
             sys.executable,
             os.path.abspath(__file__),
             CHILD_FLAG,
+            spec.kind,
             str(spec.put),
             spec.phase,
             *args,
         ]
-    return [sys.executable, "-m", "mu2net.evolution.main", *args]
+    return [sys.executable, "-m", "mu2net.cli", "evolve", *args, *LEASE_FLAGS]
 
 
 @dataclasses.dataclass
@@ -173,7 +185,7 @@ def run_evolve(
 ) -> RunResult:
     """Runs evolve once, killing it as ``spec`` says; returns what happened.
 
-    ``spawn="subprocess"`` runs ``python -m mu2net.evolution.main``; ``"fork"`` forks this
+    ``spawn="subprocess"`` runs ``python -m mu2net.cli evolve``; ``"fork"`` forks this
     process (which must have called :func:`preimport`) and runs the same ``main`` in the child,
     which saves the ~25 s of imports per run on a busy CPU.
     """
@@ -253,6 +265,8 @@ def run_evolve(
         landed = progress["last"]
         if spec is not None and spec.kind == "write":
             landed += f" -> in commit (write #{spec.put}, {spec.phase})"
+        if spec is not None and spec.kind == "lease":
+            landed += f" -> in lease write #{spec.put} ({spec.phase})"
     return RunResult(
         returncode=proc.returncode,
         killed=killed,
@@ -281,12 +295,10 @@ class _Forked:
                 os.dup2(err_w, 2)
                 sys.stdout = os.fdopen(1, "w", buffering=1)
                 sys.stderr = os.fdopen(2, "w", buffering=1)
-                if spec is not None and spec.kind == "write":
-                    code = _child_main([str(spec.put), spec.phase, *args])
+                if spec is not None and spec.kind in ("write", "lease"):
+                    code = _child_main([spec.kind, str(spec.put), spec.phase, *args])
                 else:
-                    from mu2net.evolution.main import main
-
-                    code = main(list(args))
+                    code = _evolve(args)
             except BaseException:
                 import traceback
 
@@ -459,7 +471,8 @@ def leftovers(url: str) -> dict[str, int]:
                 tmp += 1
             elif rel.startswith("params/") and rel not in listed:
                 orphans += 1
-    return {"tmp_files": tmp, "orphan_params": orphans}
+    lease_tmp = sum(".tmp-" in p for p in store.fs.find(store.path_of(layout.LEASES)))
+    return {"tmp_files": tmp, "orphan_params": orphans, "lease_tmp_files": lease_tmp}
 
 
 # ----------------------------------------------------------------------------- chains of kills
@@ -509,7 +522,7 @@ def run_chain(
     queue = list(specs)
     while True:
         spec = queue.pop(0) if queue else None
-        if spec is not None and spec.kind == "write" and prev is None:
+        if spec is not None and spec.kind in ("write", "lease") and prev is None:
             spec = KillSpec("timed", after_commits=1, delay=spec.put * 0.5)  # set-up run
         res = run_evolve(args, spec, timeout=timeout, spawn=spawn)
         if not res.killed:
@@ -582,9 +595,20 @@ def _immutability(seen: dict[str, str], obs: Mapping[str, Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the hooked child
+def _evolve(args: Sequence[str]) -> int:
+    """``mu2net evolve ARGS`` with this benchmark's lease flags, in this process."""
+    from mu2net.cli import main
+
+    return main(["evolve", *args, *LEASE_FLAGS])
+
+
 def _child_main(argv: Sequence[str]) -> int:
-    """``faults.py --fault-child PUT PHASE evolve-args...``: SIGKILL self at the PUT-th write."""
-    put_index, phase, *args = argv
+    """``faults.py --fault-child KIND PUT PHASE evolve-args...``: SIGKILL self at a write.
+
+    ``KIND`` "write" counts the store writes other than lease writes (params, history,
+    manifest, indexes); "lease" counts the lease writes (acquire, renewals, release).
+    """
+    kind, put_index, phase, *args = argv
     put_index = int(put_index)
     from mu2net.system import store as store_mod
 
@@ -596,6 +620,8 @@ def _child_main(argv: Sequence[str]) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def hooked(self, path, data):
+        if ("/leases/" in path) != (kind == "lease"):
+            return original(self, path, data)
         count[0] += 1
         if count[0] != put_index:
             return original(self, path, data)
@@ -614,9 +640,7 @@ def _child_main(argv: Sequence[str]) -> int:
         die()
 
     store_mod.Store.put_bytes = hooked
-    from mu2net.evolution.main import main
-
-    return main(args)
+    return _evolve(args)
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -690,6 +714,13 @@ def benchmark(
         "max_delay_s": max_delay,
         "kills_tried": len(results),
         "kills_survived": sum(r.survived for r in results),
+        "by_kind": {
+            kind: {
+                "tried": sum(r.spec.startswith(kind) for r in results),
+                "survived": sum(r.spec.startswith(kind) and r.survived for r in results),
+            }
+            for kind in ("timed", "write", "lease")
+        },
         "chains": chains,
         "kills": [dataclasses.asdict(r) | {"survived": r.survived} for r in results],
         "seconds": time.time() - t0,
@@ -723,6 +754,8 @@ def print_table(report: Mapping[str, Any]) -> None:
             f"chain {ch['chain']}: {ch['kills']} kills, run completed: {ch['completed']}, "
             f"final system identical to the uninterrupted run: {ch['matches_reference']}"
         )
+    for kind, n in report.get("by_kind", {}).items():
+        print(f"{kind} kills survived / tried: {n['survived']} / {n['tried']}")
     print(
         f"\nkills survived / tried: {report['kills_survived']} / {report['kills_tried']} "
         f"({report['seconds']:.0f}s)"
@@ -773,7 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("fork", "subprocess"),
         default="fork",
         help="fork: import once, fork a child per run (fast on a busy CPU); subprocess: "
-        "`python -m mu2net.evolution.main` per run (what the CI test does)",
+        "`python -m mu2net.cli evolve` per run (what the CI test does)",
     )
     p.add_argument(
         "--fuzz",

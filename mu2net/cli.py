@@ -117,6 +117,19 @@ def cmd_status(args: argparse.Namespace) -> None:
     if last:
         print(f"last commit: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
     print(_verify_line(store))
+    for line in _lease_lines(store):
+        print(line)
+
+
+def _lease_lines(store) -> list[str]:
+    from mu2net.system import lease
+
+    lines = []
+    for agent in store.shards():
+        _, body = lease.current(store, agent)
+        if lease.is_live(body):
+            lines.append(f"shard {agent!r} is being evolved: held by {lease.describe(body)}")
+    return lines
 
 
 def _verify_line(store) -> str:

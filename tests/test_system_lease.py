@@ -168,3 +168,15 @@ def test_hold_auto_leases_shards_this_process_commits(url):
 def test_bad_ttl_is_a_store_error(url):
     with pytest.raises(Mu2netError, match="ttl_s"):
         ShardLease(Store.open(url), AGENT, ttl_s=0)
+
+
+def test_status_names_live_holders(url, capsys):
+    from mu2net import cli
+
+    with ShardLease(Store.open(url), AGENT, owner="carol@lab"):
+        assert cli.main(["status", "--store", url]) == 0
+        assert f"shard {AGENT!r} is being evolved: held by owner 'carol@lab'" in (
+            capsys.readouterr().out
+        )
+    cli.main(["status", "--store", url])
+    assert "being evolved" not in capsys.readouterr().out

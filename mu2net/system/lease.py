@@ -321,8 +321,9 @@ class ShardLease:
             except LeaseLostError as e:
                 log.error("%s", e)
                 return
-            except (OSError, StoreError) as e:  # a transient store error: retry next period
-                log.warning("lease renewal of shard %r failed: %s", self.agent, e)
+            except Exception as e:  # noqa: BLE001  (any filesystem's transient error: retry;
+                # a dead renewal thread would silently let the lease expire)
+                log.warning("lease renewal of shard %r failed: %s", self.agent, e, exc_info=True)
 
     def _collect(self) -> None:
         """Deletes generations older than the last two (only the holder does)."""
