@@ -254,6 +254,32 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.store, fresh=args.fresh, progress=not args.no_progress)
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    """Runs agents as Ray tasks (local Ray, or the cluster at --ray_address)."""
+    from mu2net.evolution import launch
+
+    options = launch.LaunchOptions(
+        store=args.store,
+        gin_files=tuple(args.gin_file),
+        gin_bindings=tuple(args.gin_bindings),
+        gin_search_paths=tuple(p for p in args.gin_search_paths.split(",") if p),
+        modules=tuple(args.module),
+        cycles=args.cycles,
+        continuous=args.continuous,
+        max_retries=args.max_retries,
+        lease_ttl_s=args.lease_ttl_s,
+        poll_seconds=args.poll_seconds,
+        run_dir=args.run_dir,
+        logdir=args.logdir,
+        check_resources=not args.no_resource_check,
+    )
+    specs = launch.read_spec(args.agents) if args.agents else ()
+    runs = launch.launch(
+        options, specs, ray_address=args.ray_address, dashboard=not args.no_dashboard
+    )
+    print(f"{len(runs)} agent(s) finished")
+
+
 # ------------------------------------------------------------------------------ helpers
 def _fmt(x) -> str:
     return "-" if x is None else f"{float(x):.4f}"
@@ -336,6 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="runs/demo", help="where to keep the demo system")
     p.add_argument("--fresh", action="store_true", help="start from an empty store")
     p.add_argument("--no_progress", action="store_true")
+    p = verb("launch", "run agents as Ray tasks (local Ray or --ray_address)", module=True)
+    add_gin_flags(p)
+    p.add_argument("--ray_address", default=None, help="Ray cluster (default: a local Ray)")
+    p.add_argument("--agents", default=None, help="SPEC file (YAML/JSON) of agents")
+    p.add_argument("--cycles", type=int, default=0, help="task iterations per task (0: gin)")
+    p.add_argument("--continuous", action="store_true", help="serve; new tasks get agents")
+    p.add_argument("--max_retries", type=int, default=3, help="Ray retries of a dead worker")
+    p.add_argument("--lease_ttl_s", type=float, default=30.0, help="shard lease TTL")
+    p.add_argument("--poll_seconds", type=float, default=10.0, help="live-mixture poll period")
+    p.add_argument("--run_dir", default=None, help="per-agent log files (default: in store)")
+    p.add_argument("--logdir", default=None, help="TensorBoard root (default: store/tensorboard)")
+    p.add_argument("--no_resource_check", action="store_true", help="autoscaling clusters")
+    p.add_argument("--no_dashboard", action="store_true", help="local Ray without dashboard")
     return parser
 
 
@@ -350,6 +389,7 @@ VERBS = {
     "report": cmd_report,
     "cache-tasks": cmd_cache_tasks,
     "demo": cmd_demo,
+    "launch": cmd_launch,
 }
 
 
