@@ -8,6 +8,7 @@ a ``KeyError`` or ``TypeError`` deep in the loader.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mu2net.system import layout
@@ -83,6 +84,7 @@ def check_component_record(where: str, cid: Any, rec: Any) -> None:
         and layout.COMPONENT_RE.match(rec["file"]) is not None
         and ".." not in rec["file"]
         and isinstance(rec.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"]) is not None
         and (rec.get("bytes") is None or _is_int(rec["bytes"]))
         and (rec.get("shard") is None or isinstance(rec["shard"], str))
     )

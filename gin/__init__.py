@@ -1,1 +1,0 @@
-"""Gin configs shipped as package data (``mu2net.gin``); import gin-config via mu2net.train._gin."""
