@@ -92,9 +92,6 @@ class FixedStrategy(Strategy):
 
     publishes = False
 
-    def __init__(self, name: str):
-        self.name = name
-
     def search_space(self, config: EvolutionConfig) -> dict[str, list]:
         """No search: the defaults are used as they are."""
         return {}

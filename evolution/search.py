@@ -23,7 +23,8 @@ class Mu2NetStrategy(Strategy):
 
     name = "mu2net"
 
-    def __init__(self, name: str = "mu2net"):
+    def __init__(self, name: str | None = None):
+        super().__init__(name)
         self.selector: DecaySelector | None = None
 
     def begin(self, ctx: IterationContext) -> None:

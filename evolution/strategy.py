@@ -111,6 +111,11 @@ class Strategy:
     name = "base"
     publishes = True
 
+    def __init__(self, name: str | None = None):
+        # Parametrised strategies (``freeze_bottom:4``) keep the name they were asked by.
+        if name is not None:
+            self.name = name
+
     def search_space(self, config: EvolutionConfig) -> dict[str, list]:
         """The hparam space of this strategy (default: the config's)."""
         return config.search_space()

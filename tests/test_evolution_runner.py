@@ -71,6 +71,9 @@ class HeadOnly(Strategy):
 
     name = "test_head_only"
 
+    def generations(self, config):
+        return config.samples_per_task_iteration
+
     def candidates(self, config, generation):
         return 1
 
