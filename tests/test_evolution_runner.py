@@ -12,12 +12,11 @@ from mu2net.evolution.hparams import sample_dataset_hparams as sample_ds
 from mu2net.evolution.live import add_tasks_to_store
 from mu2net.evolution.loop import Evolver
 from mu2net.evolution.main import open_or_create
-from mu2net.evolution.mutations import ChildTarget, MutationPolicy, make_child
 from mu2net.evolution.roots import create_root
 from mu2net.evolution.runner import PROGRESS_KEY
 from mu2net.evolution.search import Mu2NetStrategy
 from mu2net.evolution.selection import OFFSPRING_KEY
-from mu2net.evolution.strategy import Proposal, Strategy, get_strategy, register_strategy
+from mu2net.evolution.strategy import get_strategy, register_strategy
 from mu2net.models import get_family
 from mu2net.system.store import Store
 
@@ -66,35 +65,27 @@ def test_all_parents_of_a_generation_are_drawn_before_training(one_task, tmp_pat
     assert counts == {h["parent"]: 1 for h in cands}
 
 
-class HeadOnly(Strategy):
-    """A minimal strategy: the root's child with only its head trained, one per generation."""
+def _readme_strategy():
+    """The README's 20-line example strategy, run as written (it registers ``head_only``)."""
+    import os
+    import re
 
-    name = "test_head_only"
-
-    def generations(self, config):
-        return config.samples_per_task_iteration
-
-    def candidates(self, config, generation):
-        return 1
-
-    def propose(self, ctx, gen, n):
-        target = ChildTarget(ctx.task, ctx.info.num_classes, ctx.agent, gen.ds)
-        policy = MutationPolicy(mutate=False, clone_names=lambda name: False)
-        child = make_child(
-            ctx.system, ctx.family, ctx.root, target, {}, gen.rng, ctx.lineage, policy
-        )
-        return [Proposal(ctx.root, child)]
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    blocks = re.findall(r"```python\n(.*?)```", open(readme).read(), flags=re.S)
+    code = next(b for b in blocks if "class HeadOnly(Strategy)" in b)
+    assert len(code.strip().splitlines()) <= 25
+    exec(compile(code, "README.md", "exec"), {})
 
 
-register_strategy("test_head_only", HeadOnly)
+_readme_strategy()
 
 
 def test_a_new_strategy_runs_through_the_same_runner(tmp_path):
-    cfg = tiny_config(strategy="test_head_only", samples_per_task_iteration=2)
+    cfg = tiny_config(strategy="head_only", samples_per_task_iteration=2)
     store = open_or_create(str(tmp_path / "s"), cfg)
     add_tasks_to_store(store, [A])
     summaries = _quiet(store, cfg).run()
-    assert summaries[0]["strategy"] == "test_head_only" and summaries[0]["candidates"] == 2
+    assert summaries[0]["strategy"] == "head_only" and summaries[0]["candidates"] == 2
     system = store.load()
     best, root = system.best_path(A), system.roots()[0]
     shared = {n for n, c in best.components.items() if root.components.get(n) == c}
