@@ -1,9 +1,10 @@
 """Crash safety of `evolve`: SIGKILL at sampled instants, restart, the store stays intact.
 
 The sampled CI version of ``benchmarks/faults.py`` (which runs >= 20 kills): one evolve agent on
-two tiny tasks is killed twice -- once a random delay into the second task's iteration (after
+two tiny tasks is killed three times -- once a random delay into the second task's iteration (after
 the first task's commit), once in the middle of a commit (the process kills itself at one of its
-first store writes) -- and restarted. After each kill the store must open, verify every checksum,
+first store writes), once inside its first lease renewal -- and restarted (each restart waits
+for the dead holder's lease to expire). After each kill the store must open, verify every checksum,
 validate, and show every path published before the kill unchanged (same record, bit-identical
 params); the last restart must complete the run. ``MU2NET_FAULT_SEED`` picks other kill points.
 """
@@ -75,13 +76,15 @@ def test_sigkill_and_restart_keeps_the_store_intact(tmp_path):
         faults.KillSpec("timed", after_commits=1, delay=float(rng.uniform(0.0, 3.0))),
         # A commit's first writes: params file(s), history or manifest, before/at/after publish.
         faults.KillSpec("write", put=int(rng.integers(1, 3)), phase=str(rng.choice(faults.PHASES))),
+        # A lease renewal (write 1 is the acquire): the restart waits out the dead lease.
+        faults.KillSpec("lease", put=2, phase=str(rng.choice(faults.PHASES))),
     ]
     url = str(tmp_path / "store")
     results, report = faults.run_chain(
         url, TASKS, specs, agent="solo", num_cycles=1, timeout=600, log=lambda s: None
     )
     summary = [(r.spec, r.landed, r.error, r.violations) for r in results]
-    assert len(results) == 2, f"a kill was not delivered: {summary}"
+    assert len(results) == 3, f"a kill was not delivered: {summary}"
     for r in results:
         assert r.survived, f"kill {r.spec} (landed: {r.landed}) broke the store: {r.error}"
         assert r.verified > 0
