@@ -46,10 +46,11 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_add_task(args: argparse.Namespace) -> None:
     """Adds tasks to the live mixture."""
     from mu2net.evolution.live import add_tasks_to_store
+    from mu2net.mixtures import expand_task_names
     from mu2net.system.store import Store
 
     _import_modules(args.module)
-    system = add_tasks_to_store(Store.open(args.store), args.tasks)
+    system = add_tasks_to_store(Store.open(args.store), expand_task_names(args.tasks))
     print(f"live mixture now has {len(system.tasks)} task(s): {', '.join(system.tasks)}")
 
 
@@ -78,7 +79,10 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    """Prints the system's tasks, paths and sharing (no TensorFlow)."""
+    """Prints the system's tasks, paths, quality by each task's metric, sharing (no TensorFlow).
+
+    ``metric`` is the name recorded with a path as ``quality_metric`` (accuracy if none).
+    """
     from mu2net.system.store import Store
 
     store = Store.open(args.store)
@@ -97,6 +101,7 @@ def cmd_status(args: argparse.Namespace) -> None:
                 f"{system.path_params(p):,}",
                 f"{shared}/{len(comps)}",
                 str(p.metrics.get("task_iterations", 0)),
+                str(p.metrics.get("quality_metric") or "accuracy"),
             ]
         )
     waiting = [t for t in system.tasks if system.best_path(t) is None]
@@ -107,7 +112,17 @@ def cmd_status(args: argparse.Namespace) -> None:
     )
     print(
         table(
-            ["task", "path", "val", "test", "accounted params", "path params", "shared", "iters"],
+            [
+                "task",
+                "path",
+                "val",
+                "test",
+                "accounted params",
+                "path params",
+                "shared",
+                "iters",
+                "metric",
+            ],  # fmt: skip
             rows,
         )
     )
@@ -172,11 +187,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     system = store.load()
     tasks = args.tasks or [p.task for p in system.task_paths()]
     results = evaluate_tasks(system, tasks, split=args.split)
-    rows = [
-        [t, f"{r['accuracy']:.4f}", str(r["examples"]), _fmt(r["recorded"])]
-        for t, r in results.items()
-    ]
-    print(table(["task", f"{args.split} accuracy", "examples", "recorded"], rows))
+    rows = []
+    for t, r in results.items():
+        others = ", ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items() if k != r["metric"])
+        row = [t, r["metric"], f"{r['value']:.4f}", str(r["examples"]), _fmt(r["recorded"])]
+        rows.append([*row, others or "-"])
+    print(table(["task", "metric", args.split, "examples", "recorded", "other metrics"], rows))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -281,6 +297,31 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
+_DOING = {
+    "init": "creating a system at {store}",
+    "add-task": "validating and adding {tasks} to the system at {store}",
+    "evolve": "evolving the system at {store}",
+    "status": "reading the system at {store}",
+    "eval": "evaluating published paths of the system at {store} on the {split} split",
+    "predict": "predicting {task} with the system at {store}",
+    "report": "writing the report of the system at {store} to {out}",
+    "cache-tasks": "caching {tasks} into {output_cache_dir} with Beam",
+    "demo": "running the demo in {store}",
+}
+
+
+def _doing(args: argparse.Namespace) -> str:
+    """The one line a verb starts with: what it is about to do."""
+    fields = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in vars(args).items()}
+    if fields.get("tasks") in (None, ""):
+        fields["tasks"] = "all tasks"
+    template = _DOING.get(args.verb, "{verb}")
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError):
+        return args.verb
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{float(x):.4f}"
 
@@ -299,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     from mu2net.gin_utils import add_gin_flags
 
     parser = argparse.ArgumentParser(prog="mu2net", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library log line (TensorFlow, absl, XLA); also MU2NET_VERBOSE=1",
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name, help_, store=True, module=False):
@@ -318,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="system name (default: the store's folder)")
     add_gin_flags(p)
     p = verb("add-task", "add seqio task(s) to the live mixture", module=True)
-    p.add_argument("tasks", nargs="+", help="registered seqio task names")
+    p.add_argument("tasks", nargs="+", help="registered seqio task or mixture names")
     p = verb("evolve", "run evolution (cycles over the live mixture, or continuous)", module=True)
     from mu2net.evolution.agents import add_lease_flags
     from mu2net.evolution.main import build_parser as evolve_parser
@@ -394,16 +440,29 @@ VERBS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mu2net`` console script."""
+    """Entry point of the ``mu2net`` console script.
+
+    Run as the console script (``argv`` None), the process is quiet: TensorFlow/absl/XLA/CUDA
+    start-up noise is dropped (:mod:`mu2net.quiet`) unless ``--verbose`` is given (anywhere
+    on the line) or ``MU2NET_VERBOSE=1`` is set.
+    """
+    from mu2net import quiet
+
+    console = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = quiet.verbose_requested(argv)
+    argv = [a for a in argv if a != "--verbose"]
+    if console and not verbose:
+        quiet.quiet_process()
     from mu2net.gin_utils import rewrite_gin_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "train":
         if len(argv) > 1 and argv[1] in ("-h", "--help"):
             parser.parse_args(["train", "--help"])
         return cmd_train(argparse.Namespace(), argv[1:])
     args = parser.parse_args(rewrite_gin_args(argv))
+    print(f"mu2net {args.verb}: {_doing(args)}", file=sys.stderr, flush=True)
     try:
         VERBS[args.verb](args)
     except Mu2netError as e:  # anything else is a bug: let its traceback show

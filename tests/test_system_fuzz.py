@@ -49,6 +49,7 @@ STRUCTURAL = {
     "family", "num_params", "file", "sha256", "bytes", "id", "task", "parent", "is_root",
     "shard", "added", "path", "system", "format", "version", "hparams", "metrics",
 }  # fmt: skip
+FREE_FORM = {"hparams", "metrics", "signature"}
 
 
 # ----------------------------------------------------------------------------- the store
@@ -131,6 +132,8 @@ def _slots(node: Any, structural: bool, path=()) -> list[tuple]:
         here = (*path, k)
         if not structural or (isinstance(k, str) and k in STRUCTURAL) or isinstance(k, int):
             out.append(here)
+        if structural and k in FREE_FORM:
+            continue  # user data: a re-signed edit inside it is a legitimate-looking commit
         out.extend(_slots(v, structural, here))
     return out
 

@@ -29,6 +29,7 @@ PATH_KEYS = (
     "metrics",
     "is_root",
 )
+_FAMILY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MANIFEST_KEYS = ("agent", "seq", "components", "paths", "tasks", "counters", "history_files")
 
 
@@ -48,6 +49,7 @@ def path_from_record(where: str, record: Any) -> Path:
         and all(k in r for k in PATH_KEYS)
         and _is_id(r.get("id"))
         and all(isinstance(r.get(k), str) for k in ("task", "family", "agent"))
+        and _FAMILY.match(r["family"]) is not None
         and isinstance(r.get("components"), dict)
         and all(isinstance(k, str) and _is_id(v) for k, v in r["components"].items())
         and isinstance(r.get("hparams"), dict)
@@ -57,6 +59,10 @@ def path_from_record(where: str, record: Any) -> Path:
     )
     if not ok:
         raise StoreError(f"{where}: malformed path record {str(record)[:100]!r}")
+    try:
+        validate_agent_name(r["agent"])
+    except NameError_ as e:
+        raise StoreError(f"{where}: path {r['id']!r}: {e}") from None
     if not r["is_root"]:
         _task_name(where, r["task"])
     return Path.from_json(r)
@@ -78,6 +84,7 @@ def check_component_record(where: str, cid: Any, rec: Any) -> None:
         and (rec["lineage"] is None or isinstance(rec["lineage"], str))
         and isinstance(rec.get("name"), str)
         and isinstance(rec.get("family"), str)
+        and _FAMILY.match(rec["family"]) is not None
         and isinstance(rec.get("num_params"), int)
         and not isinstance(rec.get("num_params"), bool)
         and isinstance(rec.get("file"), str)
