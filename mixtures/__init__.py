@@ -9,6 +9,7 @@ from mu2net.mixtures import suites
 from mu2net.mixtures.live import (
     add_task,
     ensure_live_mixture,
+    expand_task_names,
     latest_live_version,
     live_mixture_name,
     register_live_mixture,
@@ -21,6 +22,7 @@ __all__ = [
     "SUITE_MIXTURES",
     "add_task",
     "ensure_live_mixture",
+    "expand_task_names",
     "latest_live_version",
     "live_mixture_name",
     "register_live_mixture",

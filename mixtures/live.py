@@ -95,6 +95,23 @@ def ensure_live_mixture(system: str, task_names: Sequence[str]) -> seqio.Mixture
     return register_live_mixture(system, names, latest + 1)
 
 
+def expand_task_names(names: Sequence[str]) -> list[str]:
+    """Task names with every seqio Mixture name replaced by its tasks (in order, no repeats).
+
+    A name seqio knows as a Mixture (and not as a Task) stands for its sub-tasks, so
+    ``mu2net add-task my_mixture`` adds the mixture's tasks.
+    """
+    out: list[str] = []
+    mixtures = set(seqio.MixtureRegistry.names())
+    for name in names:
+        if name in mixtures and name not in seqio.TaskRegistry.names():
+            expanded = [t.name for t in seqio.get_mixture_or_task(name).tasks]
+        else:
+            expanded = [normalize_name(name)]
+        out.extend(t for t in expanded if t not in out)
+    return out
+
+
 def add_task(current_tasks: Sequence[str], task_name: str, *, max_examples: int = 256) -> list[str]:
     """Returns ``current_tasks + [task_name]`` after checking the task can join.
 

@@ -21,10 +21,19 @@ class GinConfigError(Mu2netError, ValueError):
 
 
 def package_gin_dir() -> str:
-    """Directory of the gin configs shipped with mu2net."""
-    import mu2net.gin
+    """Directory of the gin configs shipped with mu2net.
 
-    return os.path.dirname(os.path.abspath(mu2net.gin.__file__))
+    Installed from a wheel they sit in ``mu2net/gin/``; in a source checkout (and an editable
+    install) in the repository's top-level ``gin/``. Neither folder has an ``__init__.py``,
+    so ``import gin`` from the repository root finds gin-config, never the configs.
+    """
+    import mu2net
+
+    package = os.path.dirname(os.path.abspath(mu2net.__file__))
+    for folder in (os.path.join(package, "gin"), os.path.join(os.path.dirname(package), "gin")):
+        if os.path.isdir(os.path.join(folder, "runs")):
+            return folder
+    raise GinConfigError(f"mu2net's gin configs are missing: no gin/runs/ next to {package}")
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:

@@ -9,6 +9,9 @@
   ``animal_halves``, ``animal_domestic`` and 135 class-pair tasks ``<source>_pair_<a><b>``;
 * 69 TFDS benchmark tasks in five suites, ``mu2net:tfds.*`` (:mod:`mu2net.tasks.tfds_tasks`).
 
+Any task registered with seqio alone joins too (:func:`describe_task`, :func:`task_info`), and
+every task is scored by its own seqio ``metric_fns`` (:func:`primary_metric`, :func:`task_metrics`).
+
 The trainer reads data through :mod:`mu2net.tasks.data` (re-exported here), which applies the
 dataset hyperparameters after seqio's cache point (:mod:`mu2net.tasks.preprocessing`).
 """
@@ -26,12 +29,15 @@ from mu2net.tasks.metrics import (
     TextClassificationFeatureConverter,
     accuracy,
     confusion_matrix,
+    primary_metric,
+    task_metrics,
 )
 from mu2net.tasks.preprocessing import DEFAULT_DS_HPARAMS, resolve_ds_hparams
 from mu2net.tasks.registry import (
     SPLITS,
     TaskError,
     TaskInfo,
+    describe_task,
     is_registered,
     list_tasks,
     register_classification_task,
@@ -65,13 +71,16 @@ __all__ = [
     "accuracy",
     "base_dataset",
     "confusion_matrix",
+    "describe_task",
     "get_dataset",
     "is_registered",
     "list_tasks",
     "load_split",
     "numpy_batches",
+    "primary_metric",
     "register_classification_task",
     "resolve_ds_hparams",
     "task_info",
+    "task_metrics",
     "validate_task",
 ]

@@ -72,6 +72,11 @@ def base_dataset(name: str, split: str, *, use_cached: bool = False) -> tf.data.
             num_epochs=1, try_in_mem_cache=False,
         )  # fmt: skip
     except ValueError as e:
+        if "missing expected output feature" in str(e) and "targets" in str(e):
+            raise TaskError(
+                f"Task {info.name!r} split {split!r} is unlabelled: its examples have no "
+                "'targets' (class labels); every split needs them"
+            ) from e
         raise TaskError(f"Task {info.name!r} split {split!r}: {e}") from e
     _check_spec(info, split, ds.element_spec)
     return ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]})

@@ -1,12 +1,19 @@
 """Task metadata next to seqio's registry: class names, modality, split sizes, provenance.
 
 seqio's :class:`seqio.TaskRegistry` knows how to build a dataset; the trainer and evolution
-also need facts seqio does not record (how many classes, what they are called, whether the
-labels are real, derived or synthetic). :func:`register_classification_task` registers both in
-one call, so the two registries cannot drift apart.
+also need facts seqio does not always record (how many classes, what they are called, whether
+the labels are real, derived or synthetic). Two ways in:
 
-Task names are ``mu2net:<name>``; seqio only allows letters, digits and ``_ . : #`` in names,
-so TFDS-style names use dots (``mu2net:tfds.vtab1k.clevr.count_all``) where TFDS uses slashes.
+* any task registered with ``seqio.TaskRegistry.add`` joins as it is: :func:`task_info` reads
+  the facts from the task (class count from the ``targets`` vocabulary, split sizes from the
+  source's ``num_input_examples``, class names and counts from a TFDS ``ClassLabel``, modality
+  from the ``inputs`` feature), and :func:`describe_task` gives or overrides any of them in one
+  call; a fact that cannot be found raises :class:`TaskError` naming it;
+* :func:`register_classification_task` registers the seqio Task and its facts together.
+
+mu2net's own task names are ``mu2net:<name>``; seqio only allows letters, digits and
+``_ . : #`` in names, so TFDS-style names use dots (``mu2net:tfds.vtab1k.clevr.count_all``)
+where TFDS uses slashes.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class TaskInfo:
         split_sizes: Examples per split (``None`` where unknown without the data, e.g. TFDS).
         metadata: Free-form provenance: ``source``, ``synthetic`` (pixels transformed),
             ``derived`` (real inputs, new labels), ``suite``, split strings...
+        metric_name: Name of the task's primary metric (the first scalar of its first seqio
+            ``metric_fn``; ``"accuracy"`` by default), see :mod:`mu2net.tasks.metrics`.
     """
 
     name: str
@@ -52,6 +61,7 @@ class TaskInfo:
     modality: str
     split_sizes: dict[str, int | None]
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metric_name: str = "accuracy"
 
     @property
     def synthetic(self) -> bool:
@@ -83,8 +93,14 @@ def label_feature(num_classes: int) -> seqio.Feature:
 
 
 def normalize_name(name: str) -> str:
-    """Adds the ``mu2net:`` prefix when missing (``digits`` -> ``mu2net:digits``)."""
-    return name if ":" in name else PREFIX + name
+    """Adds the ``mu2net:`` prefix when missing (``digits`` -> ``mu2net:digits``).
+
+    A name without a colon that seqio knows as it is (a plain seqio task such as ``my_task``)
+    stays as it is, unless a ``mu2net:`` task of that name exists.
+    """
+    if ":" in name or PREFIX + name in _INFOS:
+        return name if ":" in name else PREFIX + name
+    return name if name in seqio.TaskRegistry.names() else PREFIX + name
 
 
 def suggest(name: str, candidates: Sequence[str] | None = None) -> str:
@@ -103,16 +119,84 @@ def suggest(name: str, candidates: Sequence[str] | None = None) -> str:
 def task_info(name: str) -> TaskInfo:
     """Metadata of a registered task (accepts names without the ``mu2net:`` prefix).
 
+    A plain seqio task (registered with ``seqio.TaskRegistry.add``) gets its facts read from
+    the task on first use (see :func:`describe_task`); they are cached.
+
     Raises:
-        TaskError: unknown task, with close registered names suggested.
+        TaskError: unknown task, with close registered names suggested; or a plain seqio task
+        missing a fact mu2net needs (the message names it and how to give it).
     """
     full = normalize_name(name)
     if full not in _INFOS:
-        raise TaskError(
-            f"Unknown task {name!r}: not registered (import mu2net.tasks, or the module that "
-            f"registers it).{suggest(full)}"
-        )
+        if full not in seqio.TaskRegistry.names():
+            pool = sorted(set(_INFOS) | set(seqio.TaskRegistry.names()))
+            raise TaskError(
+                f"Unknown task {name!r}: not registered (import mu2net.tasks, or the module that "
+                f"registers it, e.g. `--module my_tasks`).{suggest(full, pool)}"
+            )
+        describe_task(full)
     return _INFOS[full]
+
+
+def describe_task(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    modality: str | None = None,
+    split_sizes: Mapping[str, int | None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> TaskInfo:
+    """Records (or overrides) the facts of a task registered with ``seqio.TaskRegistry.add``.
+
+    Every argument left as None is read from the seqio task: ``num_classes`` from the
+    ``targets`` vocabulary size (``seqio.PassThroughVocabulary(size=N)``) or a TFDS
+    ``ClassLabel``; ``class_names`` from that ``ClassLabel`` (else ``"0".."N-1"``);
+    ``modality`` from the ``inputs`` feature (float rank 3: image, int rank 1: text);
+    ``split_sizes`` from the source's ``num_input_examples`` (None where unknown).
+
+    Args:
+        name: The seqio task name, as registered.
+        num_classes: Number of classes (labels are ints in ``[0, num_classes)``).
+        class_names: One name per class.
+        modality: ``"image"`` or ``"text"``.
+        split_sizes: Examples per split.
+        metadata: Provenance to record.
+
+    Returns:
+        The recorded :class:`TaskInfo`.
+
+    Raises:
+        TaskError: the task is not registered with seqio, or a fact is missing or wrong (no
+        ``targets`` feature, float targets, no class count anywhere, a missing split...).
+    """
+    from mu2net.tasks import inference  # local: inference reads seqio tasks, imports registry
+
+    if name not in seqio.TaskRegistry.names():
+        raise TaskError(f"Task {name!r}: not registered with seqio.TaskRegistry{suggest(name)}")
+    facts = inference.infer_facts(
+        seqio.get_mixture_or_task(name),
+        num_classes=num_classes,
+        class_names=class_names,
+        modality=modality,
+        split_sizes=split_sizes,
+    )
+    info = TaskInfo(name=name, metadata={"source": "seqio", **dict(metadata or {})}, **facts)
+    _check_info(info)
+    _INFOS[name] = info
+    return info
+
+
+def _check_info(info: TaskInfo) -> None:
+    if info.modality not in MODALITIES:
+        raise TaskError(f"Task {info.name!r}: modality={info.modality!r}, expected {MODALITIES}")
+    if info.num_classes < 2:
+        raise TaskError(f"Task {info.name!r}: num_classes={info.num_classes}, expected >= 2")
+    if len(info.class_names) != info.num_classes:
+        raise TaskError(
+            f"Task {info.name!r}: {len(info.class_names)} class_names for "
+            f"num_classes={info.num_classes}"
+        )
 
 
 def list_tasks(prefix: str = "") -> list[str]:
@@ -121,8 +205,9 @@ def list_tasks(prefix: str = "") -> list[str]:
 
 
 def is_registered(name: str) -> bool:
-    """Whether ``name`` (prefix optional) has been registered through this module."""
-    return normalize_name(name) in _INFOS
+    """Whether ``name`` (prefix optional) is a task mu2net can use (ours or plain seqio)."""
+    full = normalize_name(name)
+    return full in _INFOS or full in seqio.TaskRegistry.names()
 
 
 def register_classification_task(
@@ -158,20 +243,25 @@ def register_classification_task(
     Raises:
         TaskError: invalid name/modality/class names, or a duplicate registration.
     """
-    from mu2net.tasks import metrics  # local: metrics imports nothing of ours, no cycle
+    from mu2net.tasks import metrics  # local: metrics imports this module
 
     if not name.startswith(PREFIX) or not _NAME_RE.match(name):
         raise TaskError(
             f"Task name {name!r}: must start with {PREFIX!r} and use only letters, digits, "
             "'_', '.', ':' or '#' (seqio's allowed characters)"
         )
-    if modality not in MODALITIES:
-        raise TaskError(f"Task {name!r}: modality={modality!r}, expected one of {MODALITIES}")
-    if num_classes < 2:
-        raise TaskError(f"Task {name!r}: num_classes={num_classes}, expected >= 2")
     names = tuple(class_names) if class_names is not None else tuple(map(str, range(num_classes)))
-    if len(names) != num_classes:
-        raise TaskError(f"Task {name!r}: {len(names)} class_names for num_classes={num_classes}")
+    sizes = {s: None for s in SPLITS}
+    sizes.update(split_sizes or {})
+    info = TaskInfo(
+        name=name,
+        num_classes=int(num_classes),
+        class_names=names,
+        modality=modality,
+        split_sizes=sizes,
+        metadata=dict(metadata or {}),
+    )
+    _check_info(info)
     if name in _INFOS or name in seqio.TaskRegistry.names():
         raise TaskError(f"Task {name!r} is already registered (duplicate registration)")
     task = seqio.TaskRegistry.add(
@@ -182,16 +272,9 @@ def register_classification_task(
         postprocess_fn=metrics.label_postprocessor,
         metric_fns=list(metric_fns) if metric_fns is not None else [metrics.accuracy],
     )
-    sizes = {s: None for s in SPLITS}
-    sizes.update(split_sizes or {})
-    _INFOS[name] = TaskInfo(
-        name=name,
-        num_classes=int(num_classes),
-        class_names=names,
-        modality=modality,
-        split_sizes=sizes,
-        metadata=dict(metadata or {}),
-    )
+    if metric_fns is not None:
+        info = dataclasses.replace(info, metric_name=metrics.metric_name_of(task))
+    _INFOS[name] = info
     return task
 
 

@@ -99,12 +99,13 @@ def test_status_prints_table_without_tensorflow(tiny):
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("task "))
     assert lines[header].split() == ["task", "path", "val", "test", "accounted", "params",
-                                     "path", "params", "shared", "iters"]  # fmt: skip
+                                     "path", "params", "shared", "iters", "metric"]  # fmt: skip
     rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 4]}
     a, b = tiny["info"]["a"], tiny["info"]["b"]
-    assert rows["mu2net:alpha"] == [TASK_A, a.id, "0.8125", "0.7731", "579", "1,107", "2/3", "2"]
+    assert rows["mu2net:alpha"] == [TASK_A, a.id, "0.8125", "0.7731", "579", "1,107", "2/3", "2",
+                                    "accuracy"]  # fmt: skip
     assert rows["mu2net:beta"] == ["mu2net:beta", b.id, "0.6875", "0.6543", "579", "1,107",
-                                   "2/3", "1"]  # fmt: skip
+                                   "2/3", "1", "accuracy"]  # fmt: skip
     assert "last commit:" in out
 
 
@@ -275,4 +276,5 @@ def test_end_to_end_init_add_task_evolve_status_eval(tmp_path):
     # re-evaluating the published path reproduces the test accuracy recorded at commit time
     out = mu2net("eval", "--store", url)
     row = next(line.split() for line in out.splitlines() if line.startswith(task))
-    assert int(row[2]) > 0 and row[1] == row[3] == f"{best.metrics['test_quality']:.4f}"
+    assert row[1] == "accuracy" and int(row[3]) > 0
+    assert row[2] == row[4] == f"{best.metrics['test_quality']:.4f}"

@@ -1,36 +1,15 @@
-"""Imports the real ``gin`` (gin-config) even when a source checkout's ``gin/`` folder shadows it.
+"""gin-config, with one fix for include lookups; modules import ``gin`` from here.
 
-The repository keeps its gin configs in a top-level ``gin/`` folder (installed as ``mu2net.gin``).
-Running ``python -m ...`` from the repository root puts the root on ``sys.path`` first, and
-``import gin`` would then find that folder instead of gin-config. Import gin through this module.
+The repository's top-level ``gin/`` folder (the configs, shipped as ``mu2net.gin`` package
+data) has no ``__init__.py``, so it is at most a namespace-package candidate: ``import gin``
+from the repository root finds gin-config's regular package later on ``sys.path``. No
+``sys.path`` or ``sys.modules`` changes are needed.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
-
-def _import_real_gin():
-    mod = sys.modules.get("gin")
-    if mod is not None and hasattr(mod, "configurable"):
-        return mod
-    sys.modules.pop("gin", None)
-    saved = list(sys.path)
-    try:
-        # Drop entries whose gin/ is our config folder (it has no config.py, gin-config does).
-        sys.path[:] = [
-            p
-            for p in saved
-            if not (
-                os.path.isfile(os.path.join(p or ".", "gin", "__init__.py"))
-                and not os.path.isfile(os.path.join(p or ".", "gin", "config.py"))
-            )
-        ]
-        return importlib.import_module("gin")
-    finally:
-        sys.path[:] = saved
+import gin
+from gin import config, resource_reader
 
 
 def _tolerate_namespace_packages() -> None:
@@ -41,7 +20,6 @@ def _tolerate_namespace_packages() -> None:
     namespace package with no origin, and gin-config 0.5 then raises TypeError instead of trying
     the next search path.
     """
-    from gin import config, resource_reader
 
     def exists(path: str) -> bool:
         try:
@@ -55,7 +33,6 @@ def _tolerate_namespace_packages() -> None:
     ]
 
 
-gin = _import_real_gin()
 _tolerate_namespace_packages()
 
 __all__ = ["gin"]
