@@ -183,6 +183,10 @@ class Board:
         """One log line of agent ``name``."""
         self.lines.append((name, line))
 
+    def agent(self, name: str) -> dict[str, Any]:
+        """The record of agent ``name`` (empty before its first attempt starts)."""
+        return dict(self.agents.get(name, {}))
+
     def snapshot(self, since: int) -> tuple[dict[str, dict[str, Any]], list, int]:
         """Agent records, the log lines after index ``since``, and the new index."""
         return self.agents, self.lines[since:], len(self.lines)
@@ -314,8 +318,9 @@ class Launcher:
 
     def pid_of(self, name: str) -> int | None:
         """The worker pid of agent ``name``'s current attempt (as the worker reported it)."""
-        self.poll()
-        return self.runs[name].pid
+        import ray
+
+        return ray.get(self._board.agent.remote(name)).get("pid")
 
     def run(self, timeout_s: float | None = None) -> dict[str, AgentRun]:
         """Follows the agents until all finish (continuous: until :meth:`stop`).

@@ -62,9 +62,16 @@ def _faults():
 def cluster():
     # Ray nices its workers by default; on a shared test machine that starves them.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-             num_cpus=3, log_to_driver=False, object_store_memory=200 * 1024**2,
-             runtime_env=ln.runtime_env(["launch_toy"]))  # fmt: skip
+    for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up wait
+        try:
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                     num_cpus=3, log_to_driver=False, object_store_memory=200 * 1024**2,
+                     runtime_env=ln.runtime_env(["launch_toy"]))  # fmt: skip
+            break
+        except Exception:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
 
