@@ -27,6 +27,7 @@ setup(
         "mu2net.system",
         "mu2net.models",
         "mu2net.train",
+        "mu2net.serve",
         *_SUBPACKAGES,
     ],
     package_dir={"mu2net": "mu2net", **_SUBPACKAGES},

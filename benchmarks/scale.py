@@ -115,12 +115,13 @@ class CountingStore:
 def inference_probe(url: str, task: str, inputs: np.ndarray, control=None) -> dict[str, Any]:
     """Fresh open+load, first predict (reads the path, compiles), warm latency; bytes read.
 
-    ``control`` is the system loaded at the first checkpoint: timed interleaved with this one,
-    it gives a latency ratio that machine load (shared and noisy) cancels out of.
+    ``control`` is the predictor loaded at the first checkpoint: timed interleaved with this
+    one, it gives a latency ratio that machine load (shared and noisy) cancels out of.
     """
-    from mu2net.system import inference
+    from mu2net.serve import TaskPredictor
+    from mu2net.serve.predictor import clear_compile_cache
 
-    inference._logits_fn.cache_clear()  # the serving process would start without it
+    clear_compile_cache()  # the serving process would start without it
     full = CountingStore(url)
     t0 = time.perf_counter()
     full.store.load()
@@ -131,12 +132,13 @@ def inference_probe(url: str, task: str, inputs: np.ndarray, control=None) -> di
     load_s = time.perf_counter() - t0
     metadata_bytes = cs.bytes_read
     t0 = time.perf_counter()
-    labels, _ = system.predict(task, inputs)
+    predictor = TaskPredictor.from_system(system, task)
+    labels, _ = predictor.predict(task, inputs)
     first_s = time.perf_counter() - t0
-    control = control if control is not None else system
+    control = control if control is not None else predictor
     lat, lat_control = [], []
     for _ in range(100):
-        for s, out in ((system, lat), (control, lat_control)):
+        for s, out in ((predictor, lat), (control, lat_control)):
             t0 = time.perf_counter()
             s.predict(task, inputs)
             out.append(time.perf_counter() - t0)
@@ -154,7 +156,7 @@ def inference_probe(url: str, task: str, inputs: np.ndarray, control=None) -> di
         "component_bytes": cs.bytes_read - metadata_bytes,
         "path_params": system.path_params(path),
         "labels": labels,
-        "system": system,
+        "predictor": predictor,
     }
 
 
@@ -211,8 +213,8 @@ def run(n_tasks: int, checkpoints: list[int], workdir: str) -> dict[str, Any]:
             probe_inputs = evo_data.eval_arrays(tasks[0], "test", fam, path.hparams)["inputs"][:32]
         if i in checkpoints:
             pr = inference_probe(url, tasks[0], probe_inputs, control)
-            labels, system = pr.pop("labels"), pr.pop("system")
-            control = control if control is not None else system
+            labels, predictor = pr.pop("labels"), pr.pop("predictor")
+            control = control if control is not None else predictor
             if first_labels is None:
                 first_labels = labels
             pr.update(n=i, task0_changed_predictions=int(np.sum(labels != first_labels)))

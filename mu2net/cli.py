@@ -199,22 +199,22 @@ def cmd_predict(args: argparse.Namespace) -> None:
     """Predicts with one task's path on files or a .npy batch."""
     import numpy as np
 
-    from mu2net.system.inference import predict
-    from mu2net.system.preprocess import load_inputs
+    from mu2net.serve import TaskPredictor
     from mu2net.system.store import Store
 
+    if not args.npy and not args.files:
+        raise CliError("give input files or --npy BATCH.npy")
     store = Store.open(args.store)
     system = store.load_task(args.task)  # one index file, not every shard's manifest
     files0, bytes0 = store.files_read, store.bytes_read  # count component reads only
-    path = system.best_path(args.task)
+    predictor = TaskPredictor.from_system(system, args.task)
+    path = predictor.path
     if args.npy:
         inputs, names = np.load(args.npy, allow_pickle=False), None
-    elif args.files:
-        inputs, names = load_inputs(path, args.files), args.files
     else:
-        raise CliError("give input files or --npy BATCH.npy")
-    labels, probs = predict(system, args.task, inputs)
-    class_names = path.metrics.get("class_names") or []
+        inputs, names = predictor.prepare_files(args.files), args.files
+    labels, probs = predictor.predict(args.task, inputs)
+    class_names = predictor.class_names
     rows = []
     for i, (lab, pr) in enumerate(zip(labels, probs)):
         name = class_names[lab] if lab < len(class_names) else str(lab)
@@ -236,6 +236,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
         f"(path of {len(path.components)} components; {bytes0:,} bytes of store metadata)",
         file=sys.stderr,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serves every task of the store over HTTP (Ray Serve) until interrupted."""
+    from mu2net.serve.app import ServeConfig, start, stop
+
+    config = ServeConfig(
+        store=args.store,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        max_paths=args.max_paths,
+        max_bytes=int(args.max_mb * 2**20) if args.max_mb else None,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000.0,
+        refresh_s=args.refresh_s,
+        modules=tuple(args.module),
+    )
+    url = start(config, ray_address=args.ray_address)
+    print(f"serving {args.store} at {url} (POST {url}/v1/tasks/TASK:predict); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -389,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--npy", default=None, help="a preprocessed batch saved with numpy.save")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = verb("serve", "serve every task over HTTP JSON (Ray Serve; local Ray)", module=True)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--replicas", type=int, default=1, help="TaskServer replicas")
+    p.add_argument("--ray_address", default=None, help="Ray cluster (default: a local Ray)")
+    p.add_argument("--max_paths", type=int, default=64, help="paths held per replica (LRU)")
+    p.add_argument("--max_mb", type=float, default=0, help="component MiB per replica (0: none)")
+    p.add_argument("--max_batch_size", type=int, default=16, help="requests batched per task")
+    p.add_argument("--batch_wait_ms", type=float, default=2.0, help="batch wait per task")
+    p.add_argument("--refresh_s", type=float, default=2.0, help="new-path check period")
     p = verb("report", "write an HTML report with plots")
     p.add_argument("--out", required=True, help="output directory")
     verb("train", "train one path (t5x-style gin binary; flags as mu2net.train.main)", store=False)
@@ -432,6 +469,7 @@ VERBS = {
     "verify": cmd_verify,
     "eval": cmd_eval,
     "predict": cmd_predict,
+    "serve": cmd_serve,
     "report": cmd_report,
     "cache-tasks": cmd_cache_tasks,
     "demo": cmd_demo,

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from mu2net.evolution import main as evolve_main
 from mu2net.evolution.live import add_tasks_to_store
-from mu2net.system.inference import predict
+from mu2net.serve import TaskPredictor
 from mu2net.system.names import NameError_
 from mu2net.system.state import Path, System
 from mu2net.system.store import Store, StoreError
@@ -169,8 +169,7 @@ def _head_file(b):
 
 
 def _predict(b):
-    system = System.load(b["url"])
-    return predict(system, TASK, np.zeros((2, 4, 4, 3), np.float32))
+    return TaskPredictor.load(b["url"], TASK).predict(TASK, np.zeros((2, 4, 4, 3), np.float32))
 
 
 def _evolve(b, *extra):
@@ -288,7 +287,7 @@ def predict_input(kind):
             "nan": np.full((2, 4, 4, 3), np.nan, np.float32),
         }[kind]
         words = {"oversized": ["(64, 64, 3)", "(4, 4, 3)"], "dtype": ["int32"], "nan": ["NaN"]}
-        return (lambda: predict(System.load(b["url"]), TASK, x), ValueError,
+        return (lambda: TaskPredictor.load(b["url"], TASK).predict(TASK, x), ValueError,
                 [TASK, *words[kind]], "state")  # fmt: skip
 
     return case

@@ -15,7 +15,7 @@ from mu2net.system.store import Store
 
 MU2NET = os.path.join(os.path.dirname(sys.executable), "mu2net")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-VERBS = {"init", "add-task", "evolve", "status", "eval", "predict", "report", "train",
+VERBS = {"init", "add-task", "evolve", "status", "eval", "predict", "serve", "report", "train",
          "cache-tasks", "demo"}  # fmt: skip
 
 # Calls mu2net.cli.main once per argv in ONE interpreter (imports are the slow part), after
@@ -159,16 +159,17 @@ def test_report_writes_files(tiny):
 
 
 def test_predict_images_json(tiny, predicted):
-    from mu2net.system.inference import predict
-    from mu2net.system.preprocess import load_images
-    from mu2net.train.testing import FAMILY
+    import mu2net.train.testing  # noqa: F401  (registers the test_mlp family)
+    from mu2net.serve import TaskPredictor
 
     (r, _, _), heavy = predicted
     assert r["rc"] == 0, r["err"]
     assert not heavy  # predict on a stored image path needs neither TensorFlow nor seqio
     got = json.loads(r["out"])
-    x = load_images(tiny["images"], 4, FAMILY.pixel_mean, FAMILY.pixel_std)
-    labels, probs = predict(Store.open(tiny["url"]).load(), TASK_A, x)
+    predictor = TaskPredictor.load(tiny["url"], TASK_A)
+    x = predictor.prepare_files(tiny["images"])
+    assert x.shape == (4, 4, 4, 3)
+    labels, probs = predictor.predict(TASK_A, x)
     assert [g["input"] for g in got] == tiny["images"]
     assert [g["label"] for g in got] == labels.tolist()
     assert [g["class"] for g in got] == [["x", "y", "z"][k] for k in labels]

@@ -184,11 +184,12 @@ def _batch(path, n=8):
 
 
 def _predictions(system):
-    from mu2net.system.inference import predict
+    from mu2net.serve import TaskPredictor
 
     out = {}
     for p in system.task_paths():
-        out[p.task] = (p.id, predict(system, p.task, _batch(p))[1])
+        predictor = TaskPredictor.from_system(system, p.task)
+        out[p.task] = (p.id, predictor.predict(p.task, _batch(p))[1])
     return out
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_system_store import FAMILY, _params, build_system, commit_all
 
-from mu2net.system import Path, Store, StoreError, System, agent_for_task, task_index
+from mu2net.system import Path, Store, StoreError, agent_for_task, task_index
 
 
 def _new_best(s, task, seed, quality):
@@ -68,7 +68,7 @@ def test_load_task_reads_one_index_and_matches_the_full_load(committed):
         assert (x @ one.params_of(p)["head"]["kernel"]).tobytes() == (
             x @ full.params_of(q)["head"]["kernel"]
         ).tobytes()
-    eager = System.load(url, task="t:b", lazy=False)
+    eager = Store.open(url).load_task("t:b", lazy=False)
     assert eager.best_path("t:b").id == full.best_path("t:b").id
     assert all(c.loaded for c in eager.components.values())
 

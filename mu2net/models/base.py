@@ -172,6 +172,28 @@ class Family(abc.ABC):
         size = int(hparams["ds_image_size"])
         return np.zeros((batch_size, size, size, 3), np.float32)
 
+    def prepare_inputs(self, raw: Sequence[Any], hparams: Mapping[str, Any]) -> np.ndarray:
+        """The batch :meth:`apply` expects from raw examples, as the eval pipeline makes it.
+
+        Image families take decoded images (``[H, W]`` or ``[H, W, 1|3|4]``, 8-bit pixels):
+        scaled to ``[0, 1]``, resized to ``ds_image_size`` as ``tf.image.resize`` does (bilinear,
+        aspect ratio not kept) and normalised with :attr:`pixel_mean` / :attr:`pixel_std`. Text
+        families override this to tokenise strings.
+
+        Raises:
+            FamilyError: raw examples of the wrong modality, rank or size.
+        """
+        from mu2net.models.raw_inputs import RawInputError, images_to_inputs
+
+        if any(isinstance(r, str | bytes) for r in raw):
+            raise FamilyError(f"family {self.name!r} takes images, got text")
+        try:
+            return images_to_inputs(
+                raw, int(hparams["ds_image_size"]), self.pixel_mean, self.pixel_std
+            )
+        except RawInputError as e:
+            raise FamilyError(f"family {self.name!r}: {e}") from None
+
     def adapt_component(
         self,
         name: str,

@@ -347,6 +347,18 @@ class BertFamily(Family):
     block_prefix = "encoderblock_"
     above_blocks = ("pooler",)
 
+    def prepare_inputs(self, raw: Sequence[Any], hparams: Mapping[str, Any]) -> np.ndarray:
+        """Token ids ``int32 [N, ds_max_length]`` of strings (the text pipeline's ids).
+
+        Raises:
+            FamilyError: a non-string example (e.g. an image sent to a text task).
+        """
+        if isinstance(raw, str) or not all(isinstance(t, str) for t in raw):
+            raise FamilyError(f"family {self.name!r} takes a list of strings")
+        if len(raw) == 0:
+            raise FamilyError(f"family {self.name!r}: no texts given")
+        return tokenize(list(raw), int(hparams.get("ds_max_length", 64)))
+
     def default_hparams(self) -> dict[str, Any]:
         """Defaults: all 6 pretrained layers, 64 tokens."""
         return {

@@ -205,27 +205,6 @@ class System:
         self.task_agents: dict[str, str] = {}  # which agent's shard records each task
         self.counters: dict[str, int] = {}  # next component/path number per agent
 
-    # ----------------------------------------------------------------- loading and inference
-    @classmethod
-    def load(cls, url: str, task: str | None = None, **kwargs: Any) -> System:
-        """The published system in the store at ``url`` (params read lazily).
-
-        With ``task``, only that task's path (one index file read, for inference).
-        """
-        from mu2net.system.store import Store
-
-        store = Store.open(url)
-        return store.load_task(task, **kwargs) if task is not None else store.load(**kwargs)
-
-    def predict(self, task: str, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, probabilities) of ``task``'s path on a preprocessed batch.
-
-        Only the components of that path are read from the store.
-        """
-        from mu2net.system.inference import predict
-
-        return predict(self, task, inputs)
-
     # ----------------------------------------------------------------- ids and building
     def new_id(self, agent: str, kind: str = "c") -> str:
         """A fresh id for a component (``kind='c'``) or path (``'p'``) of ``agent``."""
