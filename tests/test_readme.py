@@ -46,3 +46,25 @@ def test_store_api_example(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) == 4 + 20
+
+
+def test_plain_seqio_task_example(tmp_path):
+    (tmp_path / "seqio_tasks.py").write_text(_block("# seqio_tasks.py"))
+    assert "mu2net" not in _block("# seqio_tasks.py").split("\n", 1)[1]  # seqio alone
+    code = (
+        "import numpy as np, mu2net.tasks as T, seqio_tasks\n"
+        "info = T.validate_task('my:digit_parity')\n"
+        "name, fn = T.primary_metric('my:digit_parity')\n"
+        "print(info.num_classes, info.split_sizes['test'], name,"
+        " fn(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["2", "397", "balanced_accuracy", "0.5"]
