@@ -123,9 +123,16 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="mu2net-launch-bench-")
     t0 = time.time()
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-             num_cpus=args.agents, log_to_driver=False,
-             runtime_env=runtime_env(["launch_toy"]))  # fmt: skip
+    for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up wait
+        try:
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                     num_cpus=args.agents, log_to_driver=False,
+                     runtime_env=runtime_env(["launch_toy"]))  # fmt: skip
+            break
+        except Exception:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == 2:
+                raise
     ray_start = time.time() - t0
     cold = ray_run(args.agents, args.cycles, tmp, "cold")
     warm = ray_run(args.agents, args.cycles, tmp, "warm")
