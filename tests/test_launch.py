@@ -111,13 +111,14 @@ def _fingerprint(url):
 
 
 def _predictions(url):
-    from mu2net.system.inference import predict
+    from mu2net.serve import TaskPredictor
 
     system = Store.open(url).load()
     out = {}
     for p in system.task_paths():
         x = np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 3)).astype(np.float32)
-        out[p.task] = (p.id, predict(system, p.task, x)[1])
+        predictor = TaskPredictor.from_system(system, p.task)
+        out[p.task] = (p.id, predictor.predict(p.task, x)[1])
     return out
 
 
