@@ -182,6 +182,7 @@ def _record(ctx, proposal, result, improved: bool, score) -> dict[str, Any]:
         "failed": bool(result.failed),
         "failure": result.failure_reason,
         "examples": int(result.examples_seen),
+        "flops": {k: float(v) for k, v in result.flops.items()},
         "timings": {k: float(v) for k, v in result.timings.items()},
         "num_compiles": int(result.num_compiles),
         "time": time.time(),

@@ -262,6 +262,9 @@ class TaskIterationRunner:
             "seconds": time.time() - t0,
             "candidates": len(history),
             "examples": sum(int(h.get("examples", 0)) for h in history),
+            # Training + validation FLOPs executed by this iteration's candidates (XLA counts).
+            "flops": sum(sum(h.get("flops", {}).values()) for h in history),
+            "train_seconds": sum(h["timings"].get("total_s", 0.0) for h in history),
         }
         return IterationResult(summary, best, history)
 

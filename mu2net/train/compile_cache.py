@@ -152,10 +152,15 @@ class _FirstCallTimed:
     def __init__(self, fn: Any, cache: CompileCache, kind: str):
         self.fn, self.cache, self.kind = fn, cache, kind
         self.size = 0
+        self.flops: float | None = None
 
     def __call__(self, *args):
         if self.size == 0 or self.fn._cache_size() != self.size:  # noqa: SLF001
             start = time.perf_counter()
+            if self.flops is None:
+                # Lowered before the call: donated arguments are gone after it. Counted as
+                # compile time, which it is (one more trace).
+                self.flops = lowered_flops(self.fn.lower(*args))
             out = jax.block_until_ready(self.fn(*args))
             self.cache._record(self.kind, time.perf_counter() - start)  # noqa: SLF001
             self.size = self.fn._cache_size()  # noqa: SLF001
@@ -165,6 +170,20 @@ class _FirstCallTimed:
             self.cache._record(self.kind, 0.0)  # noqa: SLF001
             self.size = self.fn._cache_size()  # noqa: SLF001
         return out
+
+
+def lowered_flops(lowered_or_compiled: Any) -> float:
+    """FLOPs of one call of an executable, from XLA's cost analysis (0 where unavailable)."""
+    cost = lowered_or_compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX: one dict per device program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def executable_flops(entry: Any) -> float:
+    """FLOPs per call of an entry returned by :meth:`CompileCache.get` (after its first call)."""
+    flops = getattr(entry, "flops", None)
+    return float(flops) if flops is not None else lowered_flops(entry)
 
 
 _DEFAULT: CompileCache | None = None

@@ -26,7 +26,12 @@ from mu2net.models.base import Family, FamilyError, num_params
 from mu2net.train import metrics as metrics_lib
 from mu2net.train import steps as steps_lib
 from mu2net.train._gin import gin
-from mu2net.train.compile_cache import CompileCache, default_cache, tree_signature
+from mu2net.train.compile_cache import (
+    CompileCache,
+    default_cache,
+    executable_flops,
+    tree_signature,
+)
 from mu2net.train.optim import get_momentum, lr_schedule, make_optimizer, opt_hparams, set_momentum
 from mu2net.train.partitioning import Partitioner, default_partitioner
 
@@ -91,6 +96,7 @@ class CandidateResult:
     num_compiles: int = 0
     trainable_params: int = 0
     momentum_restored: list[str] = dataclasses.field(default_factory=list)
+    flops: dict[str, float] = dataclasses.field(default_factory=dict)  # executed, by kind
 
 
 def to_host(tree: Any) -> Any:
@@ -199,10 +205,15 @@ def eval_executable(family, hparams, params, batch, partitioner: Partitioner, ca
     )
 
 
-def _run_eval(family, hparams, params, batches, partitioner, cache):
-    """Accuracy and predictions over padded eval batches already on device."""
+def _run_eval(family, hparams, params, batches, partitioner, cache, flops=None):
+    """Accuracy and predictions over padded eval batches already on device.
+
+    With a ``flops`` dict, the FLOPs executed are added to its ``"eval"`` entry.
+    """
     fn = eval_executable(family, hparams, params, batches[0], partitioner, cache)
     outs = [fn(params, b) for b in batches]
+    if flops is not None:
+        flops["eval"] = flops.get("eval", 0.0) + executable_flops(fn) * len(batches)
     correct = sum(int(c) for c, _ in outs)
     count = sum(int(np.sum(b["mask"])) for b in batches)
     preds = [np.asarray(p)[np.asarray(b["mask"]) > 0] for (_, p), b in zip(outs, batches)]
@@ -526,6 +537,7 @@ def train_candidate(
             to_host({n: v for n, v in mom.items() if n in trainable}),
         )
 
+    flops: dict[str, float] = {}
     bar = metrics_lib.progress_bar(s * v, f"train {family.name}", progress)
     interval, step, t_interval = [], 0, time.perf_counter()
     unchecked: collections.deque = collections.deque()
@@ -566,7 +578,7 @@ def train_candidate(
             elapsed = time.perf_counter() - t_interval
             t3 = time.perf_counter()
             params = {**frozen_dev, **trainable_dev}
-            quality, _ = _run_eval(family, hparams, params, val_dev, partitioner, cache)
+            quality, _ = _run_eval(family, hparams, params, val_dev, partitioner, cache, flops)
             took = tracker.observe(
                 step,
                 quality,
@@ -595,6 +607,10 @@ def train_candidate(
     result = tracker.finish()
     result.steps = step
     result.examples_seen = step * batch_size
+    # XLA's count for the executables that ran: train steps (frozen parts' forward included,
+    # unless served from a prefix cache) and validation passes.
+    flops["train"] = executable_flops(step_fn) * step if step else 0.0
+    result.flops = flops
     result.num_compiles = cache.stats.compiles - stats0[0]
     timings["compile_s"] = cache.stats.compile_s - stats0[1]
     timings["total_s"] = time.perf_counter() - t_start
