@@ -58,13 +58,19 @@ def loadable_classes(config: EvolutionConfig) -> set[str]:
     return {config_class(config), *config.agent_classes_to_load}
 
 
-def _root_ids(family: Family, hparams: Mapping[str, Any], system: System) -> tuple[str, str]:
-    """(path id, shard) of a new root; the first root of a family keeps the short names."""
-    if not any(r.family == family.name for r in system.roots()):
+def _root_ids(family: Family, hparams: Mapping[str, Any]) -> tuple[str, str]:
+    """(path id, shard) of a class's root, a function of the class alone.
+
+    Two agents of different classes creating their roots at once on an empty store write
+    different shards, so neither can take the other's place.
+    """
+    arch = family.architecture_config(hparams)
+    if not arch:
         return f"root:{family.name}", validate_agent_name(f"root~{family.name}")
-    arch = json.dumps(family.architecture_config(hparams), sort_keys=True, default=str)
-    digest = hashlib.sha256(arch.encode()).hexdigest()[:8]
-    return f"root:{family.name}:{digest}", validate_agent_name(f"root~{family.name}~{digest}")
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
+    return f"root:{family.name}:{digest[:8]}", validate_agent_name(
+        f"root~{family.name}~{digest[:8]}"
+    )
 
 
 def create_root(store: Store, config: EvolutionConfig) -> Path:
@@ -83,7 +89,7 @@ def create_root(store: Store, config: EvolutionConfig) -> Path:
         import jax
 
         params = jax.device_get(family.init(jax.random.PRNGKey(config.seed), hparams))
-    pid, agent = _root_ids(family, hparams, system)
+    pid, agent = _root_ids(family, hparams)
     root = system.add_root(pid, family.name, params, hparams, agent)
     root.metrics["pretrained"] = bool(config.pretrained)
     store.commit(system, agent, note="root")
