@@ -59,7 +59,10 @@ def steps_between(ctx: IterationContext) -> int:
     from mu2net.evolution.config import ConfigError
 
     cfg = ctx.config
-    num_train = int(ctx.info.split_sizes.get("train") or 0)
+    size = ctx.info.split_sizes.get("train")
+    # A split of unknown size (a TFDS source read lazily) is taken as at least the cap; an
+    # empty one fails later, naming the split, when its first batch is read.
+    num_train = cfg.train_examples_between_validations if size is None else int(size)
     if num_train < cfg.batch_size:
         raise ConfigError(
             f"task {ctx.task!r}: train split has {num_train} examples, fewer than "

@@ -16,7 +16,7 @@ from mu2net.system.store import Store
 MU2NET = os.path.join(os.path.dirname(sys.executable), "mu2net")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
 VERBS = {"init", "add-task", "evolve", "status", "eval", "predict", "serve", "report", "train",
-         "cache-tasks", "demo"}  # fmt: skip
+         "cache-tasks", "demo", "verify", "launch"}  # fmt: skip
 
 # Calls mu2net.cli.main once per argv in ONE interpreter (imports are the slow part), after
 # importing the tiny test family (predict has no --module flag); prints one JSON line.
