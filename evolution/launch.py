@@ -316,12 +316,6 @@ class Launcher:
         """Asks :meth:`run` to stop (it cancels the running agents)."""
         self._stop.set()
 
-    def pid_of(self, name: str) -> int | None:
-        """The worker pid of agent ``name``'s current attempt (as the worker reported it)."""
-        import ray
-
-        return ray.get(self._board.agent.remote(name)).get("pid")
-
     def run(self, timeout_s: float | None = None) -> dict[str, AgentRun]:
         """Follows the agents until all finish (continuous: until :meth:`stop`).
 

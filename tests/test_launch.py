@@ -1,20 +1,21 @@
 """``mu2net launch`` on a real Ray cluster started here on 127.0.0.1 (evolution/launch.py).
 
-One local Ray for the module (3 logical CPUs: later agents reuse warm workers; no dashboard),
-shut down at its end. The agents are tiny MLPs of three agent classes
-(``tests/launch_toy.py``, shipped to the workers through ``--module``), so each agent's
-result does not depend on when the others commit:
+One local Ray for the module (3 logical CPUs: later agents reuse warm workers; the dashboard
+on 127.0.0.1 at a free port, for Ray's state API), shut down at its end. The agents are tiny
+MLPs of three agent classes (``tests/launch_toy.py``, shipped to the workers through
+``--module``), so each agent's result does not depend on when the others commit:
 
 * three agents (and a fourth whose task only the launcher knows) run through the CLI from a
   YAML SPEC: the three finish, the store holds every task's path, a published path's
   predictions never change while the others commit; the fourth fails for good, alone, and the
   command exits 1 naming it;
-* the same three agents again, one worker SIGKILLed (pid reported by the worker itself) after
-  its first commit: Ray retries it, it waits out the dead worker's lease and resumes; the final
-  store verifies and equals the uninterrupted run's;
+* the same three agents again, one worker SIGKILLed after its first commit (its pid found
+  through Ray's state API): Ray retries it (Ray records attempt 0 failed, attempt 1 finished),
+  it waits out the dead worker's lease and resumes; the final store verifies and equals the
+  uninterrupted run's;
 * a continuous launch gives a task added with ``add-task`` an agent and a path;
-* bad input (unreachable address, unknown task/strategy/key, resources no node has) is refused
-  before anything is submitted, naming the culprit; the store is unchanged.
+* bad input (unreachable address, unknown task/strategy/family/key, resources no node has) is
+  refused before anything is submitted, naming the culprit; the store is unchanged.
 """
 
 import importlib.util
@@ -69,8 +70,9 @@ def cluster():
     os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up wait
         try:
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                     num_cpus=3, log_to_driver=False, object_store_memory=200 * 1024**2,
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=0, _node_ip_address="127.0.0.1", num_cpus=3,
+                     log_to_driver=False, object_store_memory=200 * 1024**2,
                      runtime_env=ln.runtime_env(["launch_toy"]))  # fmt: skip
             break
         except Exception:  # noqa: BLE001
@@ -204,9 +206,9 @@ def test_sigkilled_worker_is_retried_and_ends_in_the_same_system(tmp_path):
     while killed is None:
         assert time.time() < deadline and thread.is_alive(), "a1 never committed"
         time.sleep(0.2)
-        pid = launcher.pid_of("a1")
-        if pid and store.fs.exists(store.root) and "a1" in _shards(store):
-            if store.manifest_seqs("a1"):  # its first commit: now mid-iteration
+        if store.fs.exists(store.root) and "a1" in _shards(store) and store.manifest_seqs("a1"):
+            pid = _ray_worker_pid(launcher, "a1")  # after its first commit: mid-iteration
+            if pid:
                 os.kill(pid, signal.SIGKILL)
                 killed = pid
     thread.join()
@@ -214,8 +216,35 @@ def test_sigkilled_worker_is_retried_and_ends_in_the_same_system(tmp_path):
     assert {n: r.state for n, r in runs.items()} == dict.fromkeys(TASKS, "done")
     assert runs["a1"].attempt == 2 and runs["a1"].pid != killed
     assert runs["a0"].attempt == runs["a2"].attempt == 1
+    want = {0: "FAILED", 1: "FINISHED"}
+    assert _ray_attempts(launcher, "a1", until=want) == want
     _faults().observe(url)
     assert _fingerprint(url) == REFERENCE["fingerprint"]
+
+
+def _ray_tasks(launcher, agent, **filters):
+    """Ray's state API records of ``agent``'s Ray task (every attempt)."""
+    from ray.util.state import list_tasks
+
+    task_id = launcher.runs[agent].ref.task_id().hex()
+    filters = [("task_id", "=", task_id), *((k, "=", v) for k, v in filters.items())]
+    return list_tasks(filters=filters, detail=True, raise_on_missing_output=False)
+
+
+def _ray_worker_pid(launcher, agent):
+    """The pid of the worker running ``agent`` now, as Ray's state API reports it."""
+    running = [t for t in _ray_tasks(launcher, agent, state="RUNNING") if t.worker_pid]
+    return running[-1].worker_pid if running else None
+
+
+def _ray_attempts(launcher, agent, until, timeout_s=20.0):
+    """Ray's record of the agent's attempts, {attempt: state} (task events arrive late)."""
+    deadline = time.time() + timeout_s
+    while True:
+        got = {t.attempt_number: t.state for t in _ray_tasks(launcher, agent)}
+        if got == until or time.time() > deadline:
+            return got
+        time.sleep(0.5)
 
 
 def _shards(store):
@@ -274,6 +303,10 @@ def test_bad_input_names_the_culprit_and_changes_nothing(tmp_path, capsys):
         ({**good, "tasks": ["mu2net:no_such_task"]}, "'mu2net:no_such_task' is not a registered"),
         ({**good, "strategy": "no_such_class"}, "unknown strategy 'no_such_class'"),
         ({**good, "colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+        (
+            {**good, "gin_bindings": ["EvolutionConfig.family = 'no_such_family'"]},
+            "unknown model family 'no_such_family'",
+        ),
         ({**good, "name": "a9"}, "is evolved by agent 'a0'"),
         ({**good, "resources": {"TPU": 4}}, "no node of the Ray cluster has \\['TPU'\\]"),
         ({**good, "resources": {"num_gpus": 1}}, "no node of the Ray cluster has \\['GPU'\\]"),
