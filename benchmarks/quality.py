@@ -47,6 +47,12 @@ import numpy as np  # noqa: E402
 
 IMAGE_TASKS = ("mu2net:digits", "mu2net:mnist5k", "mu2net:animal_mnist", "mu2net:lfw_faces")
 TEXT_TASKS = ("mu2net:rotten_tomatoes", "mu2net:debates2016")
+# Baselines given the evolved run's FLOPs per task (the "finetune_all" row without a variant
+# is the reference's accounting: V x cycles x generations validation intervals).
+EQUAL_IMAGE = (
+    "finetune_all", "finetune_all_lr_grid", "freeze_bottom:12", "adapters:16", "linear_probe",
+)  # fmt: skip
+EQUAL_TEXT = ("finetune_all", "finetune_all_lr_grid", "freeze_bottom:4", "adapters:16")
 # A small ViT from scratch: 4 layers, width 128, patch 8 at 64 px (65 tokens).
 SCRATCH_VIT = {
     "vit_size": "test",
@@ -71,17 +77,6 @@ def _config(gin_file: str, bindings: list[str], seed: int):
     cfg = EvolutionConfig()
     cfg.seed = seed
     return cfg
-
-
-def _candidate_examples(cfg, task: str, candidates: int) -> int:
-    from mu2net.evolution import data as evo_data
-    from mu2net.tasks import data as task_data
-
-    n = int(task_data.task_info(task).split_sizes["train"])
-    s = evo_data.steps_between_validations(
-        n, cfg.train_examples_between_validations, cfg.batch_size
-    )
-    return candidates * s * cfg.num_validations * cfg.batch_size
 
 
 def evolve_incremental(tasks, cfg, workdir: str) -> dict[str, Any]:
@@ -113,11 +108,13 @@ def evolve_incremental(tasks, cfg, workdir: str) -> dict[str, Any]:
                 }
             )
         acc, preds[task], _ = evaluate_path(system, task)
-        cands = sum(s["candidates"] for s in summaries if s["task"] == task)
+        mine = [s for s in summaries if s["task"] == task]
         out["tasks"][task] = {
             "test": acc,
             "seconds": wall,
-            "examples": _candidate_examples(cfg, task, cands),
+            "examples": sum(s["examples"] for s in mine),
+            "flops": sum(s["flops"] for s in mine),
+            "train_seconds": sum(s["train_seconds"] for s in mine),
         }
     system = Store.open(url).load()
     root = [r for r in system.roots() if r.family == cfg.family][0]
@@ -146,11 +143,12 @@ def evolve_alone(task: str, cfg, workdir: str) -> dict[str, Any]:
     Evolver(store, cfg, progress=False, log=log).run()
     system = store.load()
     path = system.best_path(task)
-    cands = len([h for h in store.history() if h.get("task") == task and "path" in h])
+    mine = [h for h in store.history() if h.get("event") == "task_iteration" and h["task"] == task]
     return {
         "test": path.metrics["test_quality"],
         "seconds": time.time() - t0,
-        "examples": _candidate_examples(cfg, task, cands),
+        "examples": sum(h["examples"] for h in mine),
+        "flops": sum(h["flops"] for h in mine),
         "accounted_params": system.accounted_params(path),
     }
 
@@ -159,48 +157,73 @@ def _baseline_record(r, accounted_params: float) -> dict[str, Any]:
     """The JSON record of one ``run_baseline`` result."""
     return {
         "test": r.test,
+        "validation": r.validation,
         "seconds": r.seconds,
         "examples": r.examples,
+        "flops": r.flops,
+        "hparams": {k: v for k, v in r.hparams.items() if k.startswith("opt_")},
         "trainable_params": r.trainable_params,
         "path_params": r.path_params,
         "accounted_params": accounted_params,
     }
 
 
-def baselines(system, cfg, tasks, kinds, seed: int) -> dict[str, dict[str, Any]]:
-    """Runs every baseline kind on every task; params accounted as if the tasks shared the root.
+def _kind_config(cfg, kind: str, task: str, budgets):
+    """(baseline kind, config) of a kind with an optional ``@variant``; errors name the kind.
 
-    A kind ending in ``@same_examples`` trains ``candidates_per_generation`` times longer, so it
-    processes as many training examples as the evolved task iteration (the reference's budget
-    equalises per-device time instead: its candidates train in parallel).
+    ``@same_examples`` trains ``candidates_per_generation`` times longer, so it processes as
+    many training examples as the evolved task iteration. ``@flops`` / ``@seconds`` give it
+    exactly the FLOPs / wall seconds the evolved task iteration of the same seed spent.
     """
     import dataclasses
 
+    base_kind, _, variant = kind.partition("@")
+    if not variant:
+        return base_kind, cfg
+    if variant == "same_examples":
+        return base_kind, dataclasses.replace(
+            cfg, num_validations=cfg.num_validations * cfg.candidates_per_generation
+        )
+    if variant in ("flops", "seconds"):
+        if not budgets or task not in budgets:
+            raise ValueError(f"{kind!r} needs the evolved part of the same run (--parts evolved)")
+        return base_kind, dataclasses.replace(
+            cfg,
+            budget_flops=budgets[task]["flops"] if variant == "flops" else 0.0,
+            budget_seconds=budgets[task]["seconds"] if variant == "seconds" else 0.0,
+        )
+    raise ValueError(f"unknown baseline variant {variant!r} in {kind!r}")
+
+
+def baselines(system, cfg, tasks, kinds, seed: int, budgets=None) -> dict[str, dict[str, Any]]:
+    """Runs every baseline kind on every task; params accounted as if the tasks shared the root.
+
+    ``budgets``: {task: {"flops", "seconds"}} the evolved run spent (for ``@flops``/``@seconds``).
+    """
     from mu2net.evolution.baselines import run_baseline
 
     out: dict[str, dict[str, Any]] = {}
     for kind in kinds:
         res = {}
-        base_kind, _, variant = kind.partition("@")
-        kcfg = cfg
-        if variant == "same_examples":
-            kcfg = dataclasses.replace(
-                cfg, num_validations=cfg.num_validations * cfg.candidates_per_generation
-            )
-        elif variant:
-            raise ValueError(f"unknown baseline variant {variant!r} in {kind!r}")
         for task in tasks:
+            base_kind, kcfg = _kind_config(cfg, kind, task, budgets)
             r = run_baseline(system, kcfg, task, base_kind, seed=seed)
             frozen = r.path_params - r.trainable_params
             res[task] = _baseline_record(r, r.trainable_params + frozen / len(tasks))
-            log(f"  {kind:>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s, {r.examples} ex)")
+            log(
+                f"  {kind:>24} {task}: test {r.test:.4f} ({r.seconds:.0f}s, {r.examples} ex, "
+                f"{r.flops / 1e12:.2f} TFLOPs)"
+            )
         res["_added_params"] = sum(v["trainable_params"] for v in res.values())
         out[kind.replace(":", "_").replace("@", "_")] = res
     return out
 
 
-def scratch(tasks, cfg, seed: int, workdir: str) -> dict[str, Any]:
-    """A random-init small ViT per task trained fully with the fine-tune-all budget."""
+def scratch(tasks, cfg, seed: int, workdir: str, budgets=None) -> dict[str, Any]:
+    """A random-init small ViT per task trained fully with the fine-tune-all budget.
+
+    With ``budgets`` it gets the evolved task iteration's FLOPs instead (``scratch_vit_flops``).
+    """
     import dataclasses
 
     from mu2net.evolution.baselines import run_baseline
@@ -216,13 +239,31 @@ def scratch(tasks, cfg, seed: int, workdir: str) -> dict[str, Any]:
     )
     store = open_or_create(os.path.join(workdir, "scratch_vit"), vcfg)
     system = store.load()
+    name = "scratch_vit_flops" if budgets else "scratch_vit"
     res = {}
     for task in tasks:
-        r = run_baseline(system, vcfg, task, "finetune_all", seed=seed)
+        _, tcfg = _kind_config(vcfg, "finetune_all@flops" if budgets else "", task, budgets)
+        r = run_baseline(system, tcfg, task, "finetune_all", seed=seed)
         res[task] = _baseline_record(r, r.path_params)
-        log(f"  {'scratch_vit':>16} {task}: test {r.test:.4f} ({r.seconds:.0f}s)")
+        log(f"  {name:>24} {task}: test {r.test:.4f} ({r.seconds:.0f}s)")
     res["_added_params"] = sum(v["path_params"] for v in res.values())
-    return {"scratch_vit": res}
+    return {name: res}
+
+
+def evolved_budgets(path: str, seed: int) -> dict[str, dict[str, float]]:
+    """{task: {"flops", "seconds"}} of the evolved run of ``seed`` in a results JSON."""
+    import json
+
+    with open(path) as f:
+        runs = json.load(f)["_raw"]["runs"]
+    out = {}
+    for task, recs in runs.get("evolved", {}).items():
+        for r in recs:
+            if isinstance(r, dict) and r.get("seed") == seed and "flops" in r:
+                out[task] = {"flops": r["flops"], "seconds": r["seconds"]}
+    if not out:
+        raise SystemExit(f"{path}: no evolved run of seed {seed} with FLOPs recorded")
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,11 +285,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.baselines.split(",")
         if args.baselines
         else (
-            ["finetune_all", "finetune_all@same_examples", "freeze_bottom:4", "adapters:16"]
-            + ["linear_probe"]
+            [f"{k}@flops" for k in EQUAL_TEXT] + ["finetune_all@seconds", "finetune_all"]
             if args.text
-            else ["finetune_all", "finetune_all@same_examples", "freeze_bottom:12"]
-            + ["adapters:16", "linear_probe"]
+            else [f"{k}@flops" for k in EQUAL_IMAGE] + ["finetune_all@seconds", "finetune_all"]
         )
     )
     meta = common.machine()
@@ -282,9 +321,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meta["config"] = {k: v for k, v in vars(cfg).items()}
         workdir = tempfile.mkdtemp(prefix=f"mu2net_quality_s{seed}_")
         try:
+            budgets = evolved_budgets(args.budgets_from, seed) if args.budgets_from else None
             if "evolved" in parts:
                 log(f"seed {seed}: evolving {tasks} one by one")
                 evo = evolve_incremental(tasks, cfg, workdir)
+                budgets = {
+                    t: {"flops": r["flops"], "seconds": r["seconds"]}
+                    for t, r in evo["tasks"].items()
+                }
                 for task, rec in evo["tasks"].items():
                     add(args.evolved_label, task, rec)
                     log(f"  {args.evolved_label:>16} {task}: test {rec['test']:.4f}")
@@ -306,12 +350,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint()
             if "baselines" in parts:
                 for kind in kinds:
-                    for method, res in baselines(system, cfg, tasks, [kind], seed).items():
+                    for method, res in baselines(system, cfg, tasks, [kind], seed, budgets).items():
                         for task, rec in res.items():
                             add(method, task, rec)
                     checkpoint()
             if "scratch" in parts and not args.text:
                 for method, res in scratch(tasks, cfg, seed, workdir).items():
+                    for task, rec in res.items():
+                        add(method, task, rec)
+                checkpoint()
+            if "scratch_flops" in parts and not args.text:
+                for method, res in scratch(tasks, cfg, seed, workdir, budgets).items():
                     for task, rec in res.items():
                         add(method, task, rec)
                 checkpoint()
@@ -371,7 +420,7 @@ def _document(runs, tasks, immunity, meta) -> dict[str, Any]:
             if not recs:
                 continue
             entry[task] = common.mean_std([r["test"] for r in recs])
-            for key in ("accounted_params", "seconds", "examples"):
+            for key in ("accounted_params", "seconds", "examples", "flops"):
                 entry[task][key] = common.mean_std([r.get(key) for r in recs])["mean"]
         if entry:
             entry["average"] = common.mean_std(
@@ -416,6 +465,7 @@ def print_table(doc: dict[str, Any]) -> None:
         "acct params/task",
         "params added",
         "train ex/task",
+        "TFLOPs/task",
         "s/task",
     ]
     rows = []
@@ -426,6 +476,7 @@ def print_table(doc: dict[str, Any]) -> None:
         acct = np.mean([e["accounted_params"] for e in per]) if per else float("nan")
         ex = np.mean([e["examples"] for e in per if e.get("examples")] or [float("nan")])
         sec = np.mean([e["seconds"] for e in per])
+        tfl = np.mean([e["flops"] for e in per if e.get("flops")] or [float("nan")]) / 1e12
         added = entry["average"].get("added_params")
         rows.append(
             [
@@ -435,6 +486,7 @@ def print_table(doc: dict[str, Any]) -> None:
                 f"{acct:,.0f}",
                 f"{added:,.0f}" if added is not None else "-",
                 f"{ex:,.0f}" if np.isfinite(ex) else "-",
+                f"{tfl:.2f}" if np.isfinite(tfl) else "-",
                 f"{sec:.0f}",
             ]
         )
@@ -483,7 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budget and 2 tasks (smoke test)")
     p.add_argument(
         "--parts",
-        default="evolved,alone,baselines,scratch",
+        default="evolved,alone,baselines,scratch_flops",
         help="comma-separated parts to run (split them over processes, then --merge)",
     )
     p.add_argument(
@@ -499,6 +551,11 @@ def main(argv=None) -> int:
         "--evolved_label",
         default="evolved",
         help="row name of the evolved system (e.g. for a variant run with --gin_bindings)",
+    )
+    p.add_argument(
+        "--budgets_from",
+        default="",
+        help="results JSON whose evolved runs set the @flops/@seconds budgets (per seed)",
     )
     p.add_argument("--out", default="", help="JSON name (default quality / quality_text)")
     args = p.parse_args(argv)

@@ -9,6 +9,13 @@ intervals, so it sees as many training examples as evolution's candidates do tog
 * ``adapters:d``: adapters of dim d before every block; adapters, head and forced
   components (the final norm) train.
 * ``linear_probe``: only the head trains.
+* ``finetune_all_lr_grid``: fine-tune all at 3 learning rates (the default's x1/3, x1, x3)
+  sharing the budget; the one with the best validation accuracy is kept, as a user tuning
+  on validation would.
+
+With a compute budget (``EvolutionConfig.budget_flops`` / ``budget_seconds``) a baseline's
+children are trained as long as their share of the budget pays for, from their compiled
+step's cost, instead of the reference's interval count: every method gets the same compute.
 
 Baseline paths are never published: they exist to be compared with.
 """
@@ -22,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mu2net.evolution.budget import Budget
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.mutations import ChildTarget, MutationPolicy, make_child
 from mu2net.evolution.strategy import (
@@ -50,12 +58,15 @@ class BaselineResult:
     examples: int
     seconds: float
     predictions: np.ndarray
+    flops: float = 0.0
+    train_seconds: float = 0.0
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def clone_rule(kind: str, family) -> tuple[Any, dict[str, Any]]:
     """(clone predicate, fixed hparams) of a baseline kind; errors name the kind."""
     forced = set(family.force_clone)
-    if kind == "finetune_all":
+    if kind in ("finetune_all", "finetune_all_lr_grid"):
         return (lambda name: True), {}
     if kind == "linear_probe":
         return (lambda name: False), {}
@@ -76,7 +87,8 @@ def clone_rule(kind: str, family) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"baseline {kind!r}: family {family.name!r} has no adapters")
         return (lambda name: name in forced), {"adapter_dim": int(m.group(1))}
     raise ConfigError(
-        f"unknown baseline {kind!r}; use finetune_all, linear_probe, freeze_bottom:K, adapters:D"
+        f"unknown baseline {kind!r}; use finetune_all, finetune_all_lr_grid, linear_probe, "
+        "freeze_bottom:K, adapters:D"
     )
 
 
@@ -101,25 +113,44 @@ class FixedStrategy(Strategy):
         return 1
 
     def candidates(self, config: EvolutionConfig, generation: int) -> int:
-        """One candidate."""
-        return 1
+        """One candidate per learning rate."""
+        return len(self.lr_factors())
+
+    def lr_factors(self) -> tuple[float, ...]:
+        """Multipliers of the default learning rate, one child each."""
+        return LR_GRID_FACTORS if self.name == "finetune_all_lr_grid" else (1.0,)
 
     def propose(self, ctx: IterationContext, gen: GenerationSpec, n: int) -> list[Proposal]:
-        """The root's child with this baseline's clone set and the default optimizer."""
+        """The root's children with this baseline's clone set and the default optimizer."""
         clone, fixed = clone_rule(self.name, ctx.family)
         fixed = {**{k: v for k, v in ctx.defaults.items() if k.startswith("opt_")}, **fixed}
         if self.name.startswith("adapters:"):
             layers = range(int(ctx.root.hparams["num_layers"]))
             fixed["adapter_layers"] = format_adapter_layers(layers)
         target = ChildTarget(ctx.task, ctx.info.num_classes, ctx.agent, gen.ds)
-        policy = MutationPolicy(mutate=False, fixed_hparams=fixed, clone_names=clone)
-        child = make_child(
-            ctx.system, ctx.family, ctx.root, target, {}, gen.rng, ctx.lineage, policy
-        )
-        return [Proposal(ctx.root, child, baseline_validations(ctx.config))]
+        factors = self.lr_factors()[:n]
+        budgeted = Budget.of(ctx.config).active
+        share = max(1, baseline_validations(ctx.config) // len(factors))
+        proposals = []
+        for factor in factors:
+            hp = {**fixed, "opt_lr": float(fixed.get("opt_lr", 0.01)) * factor}
+            policy = MutationPolicy(mutate=False, fixed_hparams=hp, clone_names=clone)
+            child = make_child(
+                ctx.system, ctx.family, ctx.root, target, {}, gen.rng, ctx.lineage, policy
+            )
+            if budgeted:
+                proposals.append(Proposal(ctx.root, child, budget_share=1.0 / len(factors)))
+            else:
+                proposals.append(Proposal(ctx.root, child, share))
+        return proposals
 
 
-for _pattern in ("finetune_all", "linear_probe", r"freeze_bottom:(\d+)", r"adapters:(\d+)"):
+LR_GRID_FACTORS = (1.0 / 3.0, 1.0, 3.0)
+
+for _pattern in (
+    "finetune_all", "finetune_all_lr_grid", "linear_probe", r"freeze_bottom:(\d+)",
+    r"adapters:(\d+)",
+):  # fmt: skip
     register_strategy(_pattern, FixedStrategy)
 
 
@@ -145,7 +176,7 @@ def run_baseline(
     runner = TaskIterationRunner(cfg, FixedStrategy(kind), commit=None, log=lambda s: None)
     result = runner.run(scratch, task, 0, BASELINE_AGENT)
     best = result.best
-    record = result.history[0]
+    record = next(h for h in result.history if h["path"] == best.id)
     family = get_family(cfg.family)
     test = eval_batches(evo_data.eval_arrays(task, "test", family, best.hparams), cfg.batch_size)
     acc, preds = evaluate(family, best.hparams, scratch.params_of(best), test)
@@ -156,7 +187,11 @@ def run_baseline(
         test=float(acc),
         trainable_params=int(record["trainable_params"]),
         path_params=int(scratch.path_params(best)),
-        examples=int(record["examples"]),
+        # Every child's training counts: the lr grid's losers were paid for too.
+        examples=int(result.summary["examples"]),
         seconds=time.time() - t0,
         predictions=np.asarray(preds),
+        flops=float(result.summary["flops"]),
+        train_seconds=float(result.summary["train_seconds"]),
+        hparams=dict(best.hparams),
     )

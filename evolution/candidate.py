@@ -19,6 +19,7 @@ import numpy as np
 
 from mu2net.errors import Mu2netError
 from mu2net.evolution import data as evo_data
+from mu2net.evolution.budget import Budget, Spending
 from mu2net.evolution.prefix import PrefixCache, deterministic_inputs, suffix_plan
 from mu2net.evolution.strategy import (
     GenerationSpec,
@@ -47,11 +48,24 @@ class GenerationData:
 def validation_settings(ctx: IterationContext) -> dict[str, Any]:
     """How a quality was measured; qualities measured otherwise are not comparable."""
     cfg = ctx.config
-    return {
+    settings = {
         "split": "validation",
         "examples": int(cfg.validation_examples),
         "batch_size": int(cfg.batch_size),
     }
+    if cfg.quality_metric != "accuracy":  # accuracy stays implicit: older stores recorded none
+        settings["metric"] = cfg.quality_metric
+    return settings
+
+
+def quality_metric(ctx: IterationContext):
+    """(name, ``fn(targets, predictions)`` or None for top-1 accuracy) of the scorer."""
+    from mu2net.tasks.metrics import named_metric
+
+    name = ctx.config.quality_metric
+    if name == "accuracy":
+        return name, None
+    return named_metric(ctx.task, name)
 
 
 def steps_between(ctx: IterationContext) -> int:
@@ -101,11 +115,59 @@ def generation_data(
     return GenerationData(stream, val, s_between, prefix)
 
 
+def train_config(ctx: IterationContext, steps: int, num_validations: int | None, seed: int):
+    """The :class:`~mu2net.train.trainer.TrainConfig` of a candidate of this iteration."""
+    from mu2net.train.trainer import TrainConfig
+
+    cfg = ctx.config
+    return TrainConfig(
+        batch_size=cfg.batch_size,
+        steps_between_validations=steps,
+        num_validations=num_validations or cfg.num_validations,
+        seed=seed,
+        suffix_executable=cfg.suffix_executables,
+    )
+
+
+def size_to_budget(
+    ctx: IterationContext, gen: GenerationSpec, proposals: list[Proposal], spending: Spending
+) -> None:
+    """Sets ``num_validations`` of proposals that take a share of the compute budget.
+
+    Each gets the most validation intervals whose cost (its compiled step's, see
+    :func:`mu2net.train.cost.step_cost`) fits its share of what is left, in every bounded unit.
+    """
+    from mu2net.train.cost import fit_validations, step_cost
+
+    budget = Budget.of(ctx.config)
+    sized = [p for p in proposals if p.budget_share is not None]
+    if not sized or not budget.active:
+        return
+    s_between = steps_between(ctx)
+    val = validation_data(ctx, gen.ds)
+    size = ctx.config.batch_size
+    batch = {
+        "inputs": ctx.family.dummy_inputs(gen.ds, size),
+        "targets": np.zeros((size,), np.int32),
+    }
+    for proposal in sized:
+        cost = step_cost(
+            family=ctx.family, hparams=proposal.child.path.hparams,
+            trainable=proposal.child.trainable, frozen=proposal.child.frozen, batch=batch,
+            validation_batches=val, config=train_config(ctx, s_between, 1, 0),
+            measure="seconds" in budget.limits(),
+        )  # fmt: skip
+        proposal.num_validations = min(
+            fit_validations(spending.left(budget, u) * proposal.budget_share, cost, s_between, u)
+            for u in budget.limits()
+        )
+
+
 def train_proposal(
     ctx: IterationContext, gen: GenerationSpec, data: GenerationData, proposal: Proposal
 ) -> tuple[dict[str, Any], Path | None]:
     """Trains one child; returns (history record, improved path or None)."""
-    from mu2net.train.trainer import TrainConfig, train_candidate
+    from mu2net.train.trainer import train_candidate
 
     cfg, system = ctx.config, ctx.system
     parent, child = proposal.parent, proposal.child
@@ -119,12 +181,8 @@ def train_proposal(
     baseline = ctx.score(parent, None) if same_task else -math.inf
     if cfg.strict_improvement and same_task:
         baseline = math.nextafter(baseline, math.inf)
-    train_cfg = TrainConfig(
-        batch_size=cfg.batch_size,
-        steps_between_validations=data.steps_between,
-        num_validations=proposal.num_validations or cfg.num_validations,
-        seed=int(gen.rng.integers(2**31)),
-        suffix_executable=cfg.suffix_executables,
+    train_cfg = train_config(
+        ctx, data.steps_between, proposal.num_validations, int(gen.rng.integers(2**31))
     )
     train_family, frozen, batches, val_batches = suffix_plan(
         data.prefix, ctx.family, path.hparams, path.components, child.trainable,
@@ -142,6 +200,7 @@ def train_proposal(
         score_fn=lambda q: ctx.score(path, q),
         baseline_score=baseline,
         progress=False,
+        quality_fn=quality_metric(ctx)[1],
     )
     improved = bool(result.improved and not result.failed)
     # Scored before a discarded child's components are dropped: with s < 1 the score
@@ -156,6 +215,7 @@ def train_proposal(
         system.component(path.components[name]).set_trained(params, mom)
     path.metrics.update(
         quality=float(result.quality),
+        quality_metric=quality_metric(ctx)[0],
         validation=validation_settings(ctx),
         evals=[list(e) for e in result.evals],
         trainable_params=int(result.trainable_params),
@@ -198,7 +258,10 @@ def jsonable(x: Any) -> Any:
 
 
 def test_quality(ctx: IterationContext, path: Path) -> tuple[float, np.ndarray]:
-    """Quality and predictions of the task's published ``path`` on its full test split (§4.8)."""
+    """Quality and predictions of the task's published ``path`` on its full test split (§4.8).
+
+    The quality is the task's own primary metric (``test_metric``), whatever the scorer used.
+    """
     from mu2net.evolution.evaluation import evaluate_path
 
     if ctx.system.best_path(path.task) is not path:

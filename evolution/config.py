@@ -7,6 +7,7 @@ Every field is a gin binding (``EvolutionConfig.num_cycles = 2``); experiments i
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from mu2net.errors import Mu2netError
@@ -47,7 +48,11 @@ class EvolutionConfig:
       num_validations: validations per candidate (V).
       validation_examples: cap on validation examples.
       candidates_per_generation: children trained on the same data stream per generation.
-      samples_per_task_iteration: children sampled per task iteration.
+      samples_per_task_iteration: children sampled per task iteration (ignored when a
+        compute budget is set).
+      budget_flops: a task iteration's compute budget in training + validation FLOPs (XLA's
+        count); as many candidates run as fit (0 = bounded by the counts above).
+      budget_seconds: the same in wall seconds, compiles and input pipelines included.
       num_cycles: passes over the live mixture (0 with ``continuous`` = forever).
       continuous: keep looping and pick up tasks added while running.
       poll_seconds: continuous mode: wait between checks when there is nothing to do.
@@ -59,6 +64,9 @@ class EvolutionConfig:
         the input pipeline is deterministic (see ``mu2net.evolution.prefix``).
       suffix_executables: one compiled train step per lowest trainable component, shared by
         every clone set above it (see ``TrainConfig.suffix_executable``).
+      quality_metric: what validation quality (hence the score) is: ``accuracy`` (top-1,
+        the reference), ``primary`` (the task's first seqio metric), or the name of any
+        scalar its metric_fns give (e.g. ``macro_f1``); recorded with each path.
       seed: master seed (same seed and config => same system on CPU).
     """
 
@@ -84,6 +92,8 @@ class EvolutionConfig:
     validation_examples: int = 256
     candidates_per_generation: int = 2
     samples_per_task_iteration: int = 4
+    budget_flops: float = 0.0
+    budget_seconds: float = 0.0
     num_cycles: int = 1
     continuous: bool = False
     poll_seconds: float = 5.0
@@ -93,6 +103,7 @@ class EvolutionConfig:
     test_eval: bool = True
     prefix_cache: bool = True
     suffix_executables: bool = True
+    quality_metric: str = "accuracy"
     seed: int = 0
 
     def search_space(self) -> dict[str, list]:
@@ -130,6 +141,13 @@ class EvolutionConfig:
             if int(getattr(self, key)) <= 0:
                 raise ConfigError(
                     f"EvolutionConfig.{key} = {getattr(self, key)!r}: the budget must be > 0"
+                )
+        for key in ("budget_flops", "budget_seconds"):
+            value = float(getattr(self, key))
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(
+                    f"EvolutionConfig.{key} = {getattr(self, key)!r}: must be finite and >= 0 "
+                    "(0 = no compute budget)"
                 )
         if self.num_cycles < 0 or (self.num_cycles == 0 and not self.continuous):
             raise ConfigError("EvolutionConfig.num_cycles must be >= 1 (or set continuous=True)")

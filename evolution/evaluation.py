@@ -34,22 +34,23 @@ def _predictions(
 
 
 def evaluate_path(
-    system: System, task: str, split: str = "test", batch_size: int = 64
+    system: System, task: str, split: str = "test", batch_size: int = 64, metric: str | None = None
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """(quality, predictions, targets) of ``task``'s published path on ``split``.
 
-    The quality is the task's primary metric (:func:`mu2net.tasks.primary_metric`; top-1
-    accuracy unless the task's first seqio metric_fn says otherwise).
+    The quality is measured by ``metric`` (see :func:`mu2net.tasks.metrics.named_metric`),
+    by default the task's primary metric (top-1 accuracy unless the task's first seqio
+    metric_fn says otherwise).
 
     Raises:
         StateError: the task has no published path.
         TaskError: bad data, or a metric_fn that fails.
     """
-    from mu2net.tasks.metrics import primary_metric
+    from mu2net.tasks.metrics import named_metric
 
     preds, targets = _predictions(system, task, split, batch_size)
-    _, metric = primary_metric(task)
-    return float(metric(targets, preds)), preds, targets
+    _, fn = named_metric(task, metric or "primary")
+    return float(fn(targets, preds)), preds, targets
 
 
 def evaluate_tasks(

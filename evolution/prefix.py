@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from mu2net.models.base import Family, freeze_hparams
+from mu2net.train.compile_cache import lowered_flops
 
 _MAX_CACHE_BYTES = 1536 * 2**20
 
@@ -111,6 +112,7 @@ class PrefixCache:
         self._entries: dict[tuple, tuple[list[dict], list[dict]]] = {}
         self.hits = 0
         self.misses = 0
+        self.flops = 0.0  # XLA count of the prefix activations computed (once each)
 
     def features(
         self, hparams: Mapping[str, Any], params: Mapping[str, Any], prefix_ids: tuple, stop: int
@@ -130,6 +132,10 @@ class PrefixCache:
         if total > _MAX_CACHE_BYTES:
             return None
         self.misses += 1
+        x = self.train_batches[0]["inputs"]
+        per_example = lowered_flops(fn.lower(params, x)) / max(len(x), 1)
+        examples = sum(len(b["inputs"]) for b in (*self.train_batches, *self.val_batches))
+        self.flops += per_example * examples
 
         def convert(batches):
             return [{**b, "inputs": np.asarray(fn(params, b["inputs"]))} for b in batches]

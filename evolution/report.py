@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mu2net.evolution.budget import compute_by_task
 from mu2net.system.state import ROOT_LOCK_PREFIX, Path, System
 from mu2net.system.store import Store
 
@@ -61,7 +62,7 @@ def write_report(store: Store, out_dir: str) -> str:
         images.append(("Evolution history", HISTORY_PNG))
     out = os.path.join(out_dir, "index.html")
     with open(out, "w", encoding="utf-8") as f:
-        f.write(_html(store, system, paths, candidates, by_task, images))
+        f.write(_html(store, system, paths, candidates, by_task, images, compute_by_task(history)))
     return out
 
 
@@ -306,7 +307,7 @@ class _Raw(str):
     """Already-escaped HTML for a table cell."""
 
 
-def _html(store, system, paths, candidates, by_task, images) -> str:
+def _html(store, system, paths, candidates, by_task, images, compute) -> str:
     e = html.escape
     name = store.system_name
     parts = [
@@ -324,10 +325,15 @@ def _html(store, system, paths, candidates, by_task, images) -> str:
         acc, full = f"{system.accounted_params(p):,.0f}", f"{system.path_params(p):,}"
         its, cands = m.get("task_iterations", 0), len(by_task.get(p.task, []))
         val, test = _num(m.get("quality")), _num(m.get("test_quality"))
-        rows.append([p.task, p.id, val, test, acc, full, f"{shared}/{len(comps)}", its, cands])
+        spent = compute.get(p.task, {})
+        flops, secs = spent.get("flops", 0.0), spent.get("seconds", 0.0)
+        rows.append(
+            [p.task, p.id, val, test, acc, full, f"{shared}/{len(comps)}", its, cands,
+             f"{flops / 1e12:,.2f}", f"{secs:,.0f}"]
+        )  # fmt: skip
     header = "task|path|val|test|accounted params|path params|shared|iterations|candidates"
-    header = header.split("|")
-    parts.append(_table(header, rows, numeric=(2, 3, 4, 5, 7, 8)))
+    header = (header + "|train+val TFLOPs|seconds").split("|")
+    parts.append(_table(header, rows, numeric=(2, 3, 4, 5, 7, 8, 9, 10)))
     waiting = [t for t in system.tasks if system.best_path(t) is None]
     if waiting:
         parts.append(f"<p>Waiting for a first task iteration: {e(', '.join(waiting))}</p>")

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mu2net.evolution import candidate
+from mu2net.evolution.budget import Budget, Spending
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.hparams import sample_dataset_hparams
 from mu2net.evolution.mutations import Lineage
@@ -78,24 +79,30 @@ class TaskIterationRunner:
         """One task iteration of ``task`` on the published ``system`` (modified in place)."""
         t0 = time.time()
         ctx = self.context(system, task, iteration, agent)
-        start = self._resume_generation(ctx)
+        start, spending = self._resume(ctx)
+        budget = Budget.of(self.config)
         history: list[dict[str, Any]] = []
         uncommitted: list[dict[str, Any]] = []
         total = self.strategy.generations(self.config)
         bar = tqdm(
-            total=total, initial=start, desc=f"{task} it{iteration}", unit="gen",
-            disable=not self.progress, leave=False,
+            total=None if budget.active else total, initial=start, desc=f"{task} it{iteration}",
+            unit="gen", disable=not self.progress, leave=False,
         )  # fmt: skip
         for g in range(start, total):
-            records, improved = self.generation(ctx, g)
+            wanted = spending.fit(budget, self.strategy.candidates(self.config, g))
+            if wanted <= 0:
+                break
+            t_gen = time.time()
+            records, improved = self.generation(ctx, g, wanted, spending)
+            spending.add(records, time.time() - t_gen)
             history.extend(records)
             uncommitted.extend(records)
             if improved and self.commit is not None and self.strategy.publishes:
-                self._commit_generation(ctx, g, uncommitted)
+                self._commit_generation(ctx, g, uncommitted, spending)
                 uncommitted = []
             bar.update(1)
         bar.close()
-        result = self._finish(ctx, history, t0)
+        result = self._finish(ctx, history, t0, spending)
         if self.commit is not None and self.strategy.publishes:
             note = f"{task} it{iteration}"
             self.commit(system, agent, [*uncommitted, result.summary], note)
@@ -111,7 +118,7 @@ class TaskIterationRunner:
         root = class_root(system, cfg)
         system.unlock_task(task, agent)
         best = system.best_path(task)
-        if best is not None and path_class(best) != path_class(root):
+        if best is not None and not self.strategy.continues(best, root):
             raise ConfigError(
                 f"task {task!r} was evolved by agent class {path_class(best)!r}; this agent is "
                 f"{path_class(root)!r} (run an agent of that class, or another task)"
@@ -130,12 +137,19 @@ class TaskIterationRunner:
             lineage=Lineage(system, {}, root), score=lambda p, q=None: -math.inf,
         )  # fmt: skip
         ctx.score = lambda p, q=None: self.strategy.score(ctx, p, q)
+        candidate.quality_metric(ctx)  # names an unknown metric before anything trains
         self._revalidate(ctx)
         self.strategy.begin(ctx)
         return ctx
 
-    def generation(self, ctx: IterationContext, g: int) -> tuple[list[dict[str, Any]], bool]:
-        """Trains one generation; returns its records and whether the best path improved."""
+    def generation(
+        self, ctx: IterationContext, g: int, wanted: int, spending: Spending | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Trains one generation of ``wanted`` children.
+
+        Returns its records and whether the best path improved. ``spending`` (what the
+        iteration spent so far) sizes children that take a share of the compute budget.
+        """
         cfg = ctx.config
         rng = np.random.default_rng([cfg.seed, zlib.crc32(ctx.task.encode()), ctx.iteration, g])
         best_before = self.best(ctx)
@@ -148,7 +162,8 @@ class TaskIterationRunner:
         )
         ds.setdefault("ds_image_size", ctx.defaults.get("ds_image_size"))
         spec = GenerationSpec(g, ds, ds_changes, rng)
-        proposals = self.strategy.propose(ctx, spec, self.strategy.candidates(cfg, g))
+        proposals = self.strategy.propose(ctx, spec, wanted)
+        candidate.size_to_budget(ctx, spec, proposals, spending or Spending())
         longest = max((p.num_validations or cfg.num_validations for p in proposals), default=0)
         data = candidate.generation_data(ctx, spec, longest)
         records, improved = [], []
@@ -157,6 +172,9 @@ class TaskIterationRunner:
             record.update(
                 generation=g, ds_mutations=ds_changes, iteration=ctx.iteration
             )  # fmt: skip
+            if not records and data.prefix is not None:
+                # Computed once for the whole generation; charged to its first candidate.
+                record["flops"]["prefix"] = data.prefix.flops
             records.append(record)
             self.scalar(ctx.task, "candidate_quality", float(record["quality"] or 0.0))
             if path is not None:
@@ -196,27 +214,33 @@ class TaskIterationRunner:
 
         ds = {k: v for k, v in best.hparams.items() if k.startswith("ds_")}
         val = candidate.validation_data(ctx, ds)
-        quality, _ = evaluate(ctx.family, best.hparams, ctx.system.params_of(best), val)
+        quality, preds = evaluate(ctx.family, best.hparams, ctx.system.params_of(best), val)
+        name, metric = candidate.quality_metric(ctx)
+        if metric is not None:
+            targets = np.concatenate([np.asarray(b["targets"]).reshape(-1) for b in val])
+            quality = metric(targets, preds)
         self.log(
             f"[{ctx.task}] validation settings changed ({best.metrics.get('validation')} -> "
             f"{settings}): re-validated {best.id}: {best.metrics.get('quality')} -> {quality:.4f}"
         )
-        best.metrics.update(quality=float(quality), validation=settings)
+        best.metrics.update(quality=float(quality), quality_metric=name, validation=settings)
 
-    def _resume_generation(self, ctx: IterationContext) -> int:
-        """First generation to run: after the last one committed in this iteration."""
+    def _resume(self, ctx: IterationContext) -> tuple[int, Spending]:
+        """(first generation to run, spent so far): after the last one committed."""
         best = ctx.population[0] if ctx.population else None
         progress = (best.metrics.get(PROGRESS_KEY) or {}) if best else {}
         if progress.get("iteration") == ctx.iteration:
-            return int(progress["generation"]) + 1
-        return 0
+            spent = Spending.from_json(progress.get("spent"))
+            return int(progress["generation"]) + 1, spent
+        return 0, Spending()
 
-    def _publish(self, ctx: IterationContext, best: Path) -> None:
+    def _publish(self, ctx: IterationContext, best: Path, keep: set[str]) -> None:
+        """Publishes ``best``; drops unpublished components except ``keep``."""
         system = ctx.system
         best.metrics[OFFSPRING_KEY] = dump_offspring(ctx.offspring)
         best.metrics["class_names"] = list(ctx.info.class_names)
         system.publish(best)
-        system.drop_unpublished_except(self._population_components(ctx))
+        system.drop_unpublished_except(keep)
         best.metrics["accounted_params"] = system.accounted_params(best)
         best.metrics["score"] = ctx.score(best)
 
@@ -224,15 +248,22 @@ class TaskIterationRunner:
     def _population_components(ctx: IterationContext) -> set[str]:
         return {cid for p in ctx.population for cid in p.components.values()}
 
-    def _commit_generation(self, ctx: IterationContext, g: int, records: list) -> None:
+    def _commit_generation(
+        self, ctx: IterationContext, g: int, records: list, spending: Spending
+    ) -> None:
         best = self.best(ctx)
-        best.metrics[PROGRESS_KEY] = {"iteration": ctx.iteration, "generation": g}
-        self._publish(ctx, best)
+        best.metrics[PROGRESS_KEY] = {
+            "iteration": ctx.iteration, "generation": g, "spent": spending.to_json(),
+        }  # fmt: skip
+        # The population keeps training: its unpublished components stay.
+        self._publish(ctx, best, self._population_components(ctx))
         self.commit(ctx.system, ctx.agent, records, f"{ctx.task} it{ctx.iteration} gen{g}")
         # The task keeps training: its own components are unlocked again (always cloned).
         ctx.system.unlock_task(ctx.task, ctx.agent)
 
-    def _finish(self, ctx: IterationContext, history: list, t0: float) -> IterationResult:
+    def _finish(
+        self, ctx: IterationContext, history: list, t0: float, spending: Spending
+    ) -> IterationResult:
         system, cfg = ctx.system, ctx.config
         old = system.best_path(ctx.task)
         best = self.best(ctx)
@@ -245,10 +276,10 @@ class TaskIterationRunner:
         best.metrics["task_iterations"] = ctx.iteration + 1
         new_best = old is None or best.id != old.id or "test_quality" not in best.metrics
         if self.strategy.publishes:
-            self._publish(ctx, best)
-            system.drop_unpublished_except(set())
+            self._publish(ctx, best, set())
         if cfg.test_eval and self.strategy.publishes and new_best:
             best.metrics["test_quality"] = candidate.test_quality(ctx, best)[0]
+            best.metrics["test_metric"] = ctx.info.metric_name
         summary = {
             "event": "task_iteration",
             "task": ctx.task,
@@ -261,12 +292,30 @@ class TaskIterationRunner:
             "accounted_params": best.metrics.get("accounted_params"),
             "seconds": time.time() - t0,
             "candidates": len(history),
-            "examples": sum(int(h.get("examples", 0)) for h in history),
-            # Training + validation FLOPs executed by this iteration's candidates (XLA counts).
-            "flops": sum(sum(h.get("flops", {}).values()) for h in history),
-            "train_seconds": sum(h["timings"].get("total_s", 0.0) for h in history),
+            **compute_summary(history),
+            "budget": dataclasses.asdict(Budget.of(cfg)),
+            "spent": spending.to_json(),
         }
         return IterationResult(summary, best, history)
+
+
+def compute_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Examples, FLOPs by kind and seconds by phase summed over candidate records."""
+    flops: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for r in records:
+        for kind, v in r.get("flops", {}).items():
+            flops[kind] = flops.get(kind, 0.0) + float(v)
+        for phase, v in r.get("timings", {}).items():
+            seconds[phase] = seconds.get(phase, 0.0) + float(v)
+    return {
+        "examples": sum(int(r.get("examples", 0)) for r in records),
+        # Training + validation (+ frozen-prefix) FLOPs executed by the candidates, XLA counts.
+        "flops": sum(flops.values()),
+        "flops_by_kind": flops,
+        "train_seconds": seconds.get("total_s", 0.0),
+        "seconds_by_phase": {k: v for k, v in seconds.items() if k != "total_s"},
+    }
 
 
 def _summary_line(result: IterationResult) -> str:

@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from mu2net.evolution.budget import MAX_GENERATIONS, Budget
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.mutations import Child, Lineage
+from mu2net.evolution.roots import path_class
 from mu2net.models.base import Family
 from mu2net.system.state import Path, System
 
@@ -92,11 +94,15 @@ class Proposal:
       parent: the parent path.
       child: the child and its trainable/frozen split.
       num_validations: validations of its training (None: the config's V).
+      budget_share: with a compute budget, the fraction of what is left of it that this
+        child's training is sized to (its ``num_validations`` is then computed from its
+        compiled step's cost); None: trained for ``num_validations``.
     """
 
     parent: Path
     child: Child
     num_validations: int | None = None
+    budget_share: float | None = None
 
 
 class Strategy:
@@ -121,15 +127,26 @@ class Strategy:
         return config.search_space()
 
     def generations(self, config: EvolutionConfig) -> int:
-        """Generations per task iteration."""
+        """Generations per task iteration (a compute budget stops them instead)."""
+        if Budget.of(config).active:
+            return MAX_GENERATIONS
         return config.generations_per_task_iteration()
 
     def candidates(self, config: EvolutionConfig, generation: int) -> int:
-        """Children of generation ``generation``."""
+        """Children of generation ``generation`` (before the compute budget's cut)."""
+        if Budget.of(config).active:
+            return config.candidates_per_generation
         done = generation * config.candidates_per_generation
         return max(
             0, min(config.candidates_per_generation, config.samples_per_task_iteration - done)
         )
+
+    def continues(self, best: Path, root: Path) -> bool:
+        """Whether this strategy may evolve a task whose published path is ``best``.
+
+        Default: ``best`` is of the agent's class, the class of ``root``.
+        """
+        return path_class(best) == path_class(root)
 
     def begin(self, ctx: IterationContext) -> None:
         """Called once per task iteration before its first generation."""

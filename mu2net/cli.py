@@ -81,16 +81,20 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     """Prints the system's tasks, paths, quality by each task's metric, sharing (no TensorFlow).
 
-    ``metric`` is the name recorded with a path as ``quality_metric`` (accuracy if none).
+    ``metric`` names the path's validation metric (its ``quality_metric``, the scorer's) and,
+    when it differs, the test metric (the task's primary metric) as ``val/test``.
     """
+    from mu2net.evolution.budget import compute_by_task
     from mu2net.system.store import Store
 
     store = Store.open(args.store)
     system = store.load()
+    compute = compute_by_task(store.history())
     rows = []
     for p in system.task_paths():
         comps = system.path_components(p)
         shared = sum(1 for c in comps.values() if len(c.locks) > 1)
+        spent = compute.get(p.task, {})
         rows.append(
             [
                 p.task,
@@ -101,7 +105,9 @@ def cmd_status(args: argparse.Namespace) -> None:
                 f"{system.path_params(p):,}",
                 f"{shared}/{len(comps)}",
                 str(p.metrics.get("task_iterations", 0)),
-                str(p.metrics.get("quality_metric") or "accuracy"),
+                f"{spent.get('flops', 0.0) / 1e12:,.2f}",
+                f"{spent.get('seconds', 0.0):,.0f}",
+                _metric_names(p.metrics),
             ]
         )
     waiting = [t for t in system.tasks if system.best_path(t) is None]
@@ -121,6 +127,8 @@ def cmd_status(args: argparse.Namespace) -> None:
                 "path params",
                 "shared",
                 "iters",
+                "TFLOPs",
+                "seconds",
                 "metric",
             ],  # fmt: skip
             rows,
@@ -134,6 +142,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(_verify_line(store))
     for line in _lease_lines(store):
         print(line)
+
+
+def _metric_names(metrics: dict) -> str:
+    """``accuracy`` or ``val_metric/test_metric`` when selection and test metrics differ."""
+    val = metrics.get("quality_metric") or "accuracy"
+    test = metrics.get("test_metric") or val
+    return val if val == test else f"{val}/{test}"
 
 
 def _lease_lines(store) -> list[str]:

@@ -170,6 +170,34 @@ def primary_metric(task_name: str) -> tuple[str, MetricFn]:
     return key, fn
 
 
+def named_metric(task_name: str, name: str) -> tuple[str, MetricFn]:
+    """The metric called ``name`` of a task: ``(name, fn(targets, predictions) -> float)``.
+
+    ``"accuracy"`` is top-1 accuracy for every task; ``"primary"`` is the task's
+    :func:`primary_metric`; any other name is that scalar of the task's seqio metric_fns.
+
+    Raises:
+        TaskError: unknown task, or no metric_fn of the task gives a scalar called ``name``
+        (the message lists those it gives).
+    """
+    if name == "accuracy":
+        return name, lambda t, p: accuracy(t, p)["accuracy"]
+    if name == "primary":
+        return primary_metric(task_name)
+    have = task_metrics(task_name, np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]))
+    if name not in have:
+        raise TaskError(
+            f"quality_metric {name!r}: task {task_name!r} has no such metric; its metric_fns "
+            f"give {sorted(have)} (or use 'accuracy' / 'primary')"
+        )
+
+    def fn(targets: Any, predictions: Any) -> float:
+        return task_metrics(task_name, targets, predictions)[name]
+
+    fn.__name__ = name
+    return name, fn
+
+
 def confusion_matrix(
     targets: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray, num_classes: int
 ) -> np.ndarray:

@@ -121,7 +121,10 @@ def test_kill_after_a_generation_keeps_its_best_and_resumes(tmp_path):
     with pytest.raises(_Killed):
         _quiet(store, dataclasses.replace(cfg, strategy="test_killed")).run()
     kept = store.load().best_path(A)
-    assert kept.metrics[PROGRESS_KEY] == {"iteration": 0, "generation": 0}
+    progress = kept.metrics[PROGRESS_KEY]
+    assert (progress["iteration"], progress["generation"]) == (0, 0)
+    # What generation 0 spent is kept, so a compute budget resumes where it stopped.
+    assert progress["spent"]["candidates"] == 2 and progress["spent"]["flops"] > 0
     assert "task_iterations" not in kept.metrics or kept.metrics["task_iterations"] == 0
     _quiet(store, cfg).run()
     done = store.load().best_path(A)

@@ -129,3 +129,46 @@ def test_verbose_shows_what_quiet_hides(tmp_path):
     assert quiet.returncode == loud.returncode == 0, (quiet.stderr[-2000:], loud.stderr[-2000:])
     assert not [line for line in quiet.stderr.splitlines() if NOISE.search(line)], quiet.stderr
     assert [line for line in loud.stderr.splitlines() if NOISE.search(line)], loud.stderr
+
+
+def _evolve_blobs(tmp_path, **overrides):
+    from test_evolution_system import tiny_config
+
+    from mu2net.evolution.live import add_tasks_to_store
+    from mu2net.evolution.loop import Evolver
+    from mu2net.evolution.main import open_or_create
+
+    cfg = tiny_config(
+        root_hparams={"vit_size": "test", "num_layers": 1, "ds_image_size": 8},
+        defaults={"opt_lr": 0.05, "ds_image_size": 8, "ds_crop": False},
+        train_examples_between_validations=64, num_validations=1, validation_examples=32,
+        candidates_per_generation=1, samples_per_task_iteration=1, **overrides,
+    )  # fmt: skip
+    store = open_or_create(str(tmp_path / "sys"), cfg)
+    add_tasks_to_store(store, ["user:blobs"])
+    Evolver(store, cfg, progress=False, log=lambda s: None).run()
+    return store
+
+
+def test_quality_metric_is_the_score_and_is_recorded(tmp_path):
+    from mu2net.evolution.evaluation import evaluate_path
+
+    store = _evolve_blobs(tmp_path, quality_metric="macro_f1")
+    system = store.load()
+    path = system.best_path("user:blobs")
+    assert path.metrics["quality_metric"] == "macro_f1"
+    assert path.metrics["validation"]["metric"] == "macro_f1"
+    # The whole validation split (32) is validated on, so its macro-F1 is the path's quality.
+    f1, preds, targets = evaluate_path(system, "user:blobs", "validation", metric="macro_f1")
+    assert path.metrics["quality"] == pytest.approx(f1)
+    accuracy = float(np.mean(preds == targets))
+    assert f1 != pytest.approx(accuracy) or accuracy == 1.0  # not accuracy under another name
+    (cand,) = [h for h in store.history() if h.get("task") == "user:blobs" and "path" in h]
+    assert cand["quality"] == pytest.approx(f1)
+
+
+def test_unknown_quality_metric_is_named_before_training(tmp_path):
+    with pytest.raises(Mu2netError, match="quality_metric 'f2'.*macro_f1"):
+        _evolve_blobs(tmp_path, quality_metric="f2")
+    system = Store.open(str(tmp_path / "sys")).load()
+    assert system.best_path("user:blobs") is None

@@ -186,6 +186,15 @@ def executable_flops(entry: Any) -> float:
     return float(flops) if flops is not None else lowered_flops(entry)
 
 
+def call_flops(entry: Any, *args) -> float:
+    """FLOPs of one call of a :meth:`CompileCache.get` entry on ``args``, without running it."""
+    if isinstance(entry, _FirstCallTimed):
+        if entry.flops is None:
+            entry.flops = lowered_flops(entry.fn.lower(*args))
+        return float(entry.flops)
+    return lowered_flops(entry)
+
+
 _DEFAULT: CompileCache | None = None
 
 

@@ -178,10 +178,6 @@ def _batch_key(batch: Mapping[str, Any]) -> tuple:
     )
 
 
-def _acc_dtype(config: TrainConfig):
-    return jnp.dtype(config.momentum_dtype) if config.momentum_dtype else None
-
-
 def eval_executable(family, hparams, params, batch, partitioner: Partitioner, cache: CompileCache):
     """Compiled ``eval(params, batch) -> (num_correct, predictions)`` for this signature."""
     p_sh = partitioner.tree_shardings(params)
@@ -368,6 +364,36 @@ def suffix_components(
     return order[first:] + sorted(names - set(order))
 
 
+def step_trees(
+    family: Family,
+    hparams: Mapping[str, Any],
+    trainable: Mapping[str, Any],
+    frozen: Mapping[str, Any],
+    config: TrainConfig,
+    partitioner: Partitioner,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """(differentiated, constant, mask or None) trees of the train step for this split.
+
+    With :attr:`TrainConfig.suffix_executable` the differentiated tree is widened to every
+    component from the lowest trainable one up, and the mask zeroes the frozen ones' updates.
+    """
+    if not config.suffix_executable:
+        return dict(trainable), dict(frozen), None
+    widened = suffix_components(family, hparams, trainable)
+    step_trainable = {n: trainable[n] if n in trainable else frozen[n] for n in widened}
+    step_frozen = {n: p for n, p in frozen.items() if n not in step_trainable}
+    mask = {
+        n: jax.device_put(np.float32(n in trainable), partitioner.replicated)
+        for n in step_trainable
+    }
+    return step_trainable, step_frozen, mask
+
+
+def accumulator_dtype(config: TrainConfig):
+    """The momentum accumulator dtype of ``config`` (None: the params' own dtype)."""
+    return jnp.dtype(config.momentum_dtype) if config.momentum_dtype else None
+
+
 def train_executable(
     family,
     hparams,
@@ -447,6 +473,7 @@ def train_candidate(
     progress: bool = True,
     partitioner: Partitioner | None = None,
     cache: CompileCache | None = None,
+    quality_fn: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> CandidateResult:
     """Trains one candidate path for ``N = S * V`` steps and keeps its best snapshot.
 
@@ -465,6 +492,8 @@ def train_candidate(
       progress: show a tqdm progress bar.
       partitioner: device mesh (default: every device on the data axis).
       cache: compile cache (default: the process-wide one).
+      quality_fn: ``(targets, predictions) -> quality`` on the validation labels (a task's
+        own metric, higher is better); default top-1 accuracy.
 
     Returns:
       A :class:`CandidateResult`; ``best_trainable``/``best_momentum`` are host numpy copies.
@@ -486,20 +515,14 @@ def train_candidate(
     stats0 = (cache.stats.compiles, cache.stats.compile_s)
     timings = dict.fromkeys(("data_s", "train_s", "eval_s"), 0.0)
 
-    tx = make_optimizer(config.clip_norm, _acc_dtype(config))
-    mask, step_trainable, step_frozen = None, dict(trainable), dict(frozen)
-    if config.suffix_executable:
-        widened = suffix_components(family, hparams, trainable)
-        step_trainable = {n: trainable[n] if n in trainable else frozen[n] for n in widened}
-        step_frozen = {n: p for n, p in frozen.items() if n not in step_trainable}
-        mask = {
-            n: jax.device_put(np.float32(n in trainable), partitioner.replicated)
-            for n in step_trainable
-        }
+    tx = make_optimizer(config.clip_norm, accumulator_dtype(config))
+    step_trainable, step_frozen, mask = step_trees(
+        family, hparams, trainable, frozen, config, partitioner
+    )
     trainable_dev = partitioner.put(step_trainable, copy=True)
     frozen_dev = partitioner.put(step_frozen, copy=False)
     opt_state, restored = restore_momentum(
-        tx.init(trainable_dev), trainable, momentum, _acc_dtype(config)
+        tx.init(trainable_dev), trainable, momentum, accumulator_dtype(config)
     )
     opt_state = partitioner.put(opt_state, copy=True)
     tracker = CandidateTracker(score_fn, baseline_score)
@@ -509,6 +532,7 @@ def train_candidate(
     t0 = time.perf_counter()
     val = pad_eval_batches(validation_batches, partitioner.num_data)
     val_dev = [partitioner.shard_batch(b) for b in val]
+    val_targets = np.concatenate([b["targets"][b["mask"] > 0] for b in val])
     it = iter(train_batches)
     batch = _next_batch(it, 0, s * v)
     batch_size = batch["inputs"].shape[0]
@@ -578,7 +602,8 @@ def train_candidate(
             elapsed = time.perf_counter() - t_interval
             t3 = time.perf_counter()
             params = {**frozen_dev, **trainable_dev}
-            quality, _ = _run_eval(family, hparams, params, val_dev, partitioner, cache, flops)
+            acc, preds = _run_eval(family, hparams, params, val_dev, partitioner, cache, flops)
+            quality = acc if quality_fn is None else float(quality_fn(val_targets, preds))
             took = tracker.observe(
                 step,
                 quality,
@@ -594,7 +619,8 @@ def train_candidate(
                     "train/lr": runtime[step - 1, 0],
                     "train/steps_per_s": len(interval) / max(elapsed, 1e-9),
                     "train/examples_per_s": len(interval) * batch_size / max(elapsed, 1e-9),
-                    "validation/accuracy": quality,
+                    "validation/accuracy": acc,
+                    "validation/quality": quality,
                     "validation/snapshot": float(took),
                 },
             )
