@@ -16,6 +16,7 @@ from typing import Any
 
 # Imported for their registrations: the µ2Net search and the fixed baselines.
 from mu2net.evolution import baselines as _baselines  # noqa: F401
+from mu2net.evolution import multipath as _multipath  # noqa: F401
 from mu2net.evolution import search as _search  # noqa: F401
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.runner import TaskIterationRunner

@@ -6,6 +6,8 @@ referenced by relative links (copy the folder as a whole):
 
 * ``system_graph.png``: rows = root and tasks, columns = component slots in path order; a cell
   holds the component id and is coloured by who uses it (root-frozen, shared by k tasks, own).
+  A multipath (composite) row shows its own components (router, connectors) and an arrow to
+  the row of each other task whose path it runs as a sub-path.
 * ``quality_vs_params.png``: validation quality vs accounted params per task (reference §1.3);
   a hollow marker at the path's full size shows what sharing saves.
 * ``history.png``: the score of every candidate of every task iteration, best-so-far line.
@@ -74,6 +76,20 @@ def _sharers(system: System, cid: str) -> tuple[int, bool]:
     return sum(1 for lk in locks if not lk.startswith(ROOT_LOCK_PREFIX)), root
 
 
+def subpath_edges(system: System) -> list[dict[str, str]]:
+    """One edge per sub-path of every published composite path: path, slot, task, sub-path."""
+    return [
+        {"path": p.id, "slot": sub.slot, "task": sub.task, "subpath": sub.path}
+        for p in system.task_paths()
+        for sub in p.subpaths
+    ]
+
+
+def _cells(path: Path) -> dict[str, str]:
+    """The components drawn in a path's row: a composite path's own (not its sub-paths')."""
+    return {n: cid for n, cid in path.components.items() if not (path.is_composite and "/" in n)}
+
+
 def _names_in_order(path: Path) -> list[str]:
     """The path's component names, input side first (the family's order, when it is known)."""
     from mu2net.models.base import FamilyError, get_family
@@ -83,7 +99,7 @@ def _names_in_order(path: Path) -> list[str]:
     except (FamilyError, KeyError, ValueError):  # an unregistered family: keep stored order
         canonical = []
     rank = {n: i for i, n in enumerate(canonical)}
-    return sorted(path.components, key=lambda n: rank.get(n, len(rank)))
+    return sorted(_cells(path), key=lambda n: rank.get(n, len(rank)))
 
 
 def _slot_order(paths: Iterable[Path]) -> list[str]:
@@ -165,7 +181,7 @@ def _plot_graph(system: System, out: str) -> None:
 
     rows = [*system.roots(), *system.task_paths()]
     slots = _slot_order(rows)
-    ks = {_sharers(system, c)[0] for p in rows for c in p.components.values()}
+    ks = {_sharers(system, c)[0] for p in rows for c in _cells(p).values()}
     max_k = max([*ks, 2])
     blues = colormaps["Blues"]
 
@@ -178,7 +194,7 @@ def _plot_graph(system: System, out: str) -> None:
     ax = fig.add_subplot()
     for i, p in enumerate(rows):
         for j, slot in enumerate(slots):
-            cid = p.components.get(slot)
+            cid = _cells(p).get(slot)
             if cid is None:
                 ax.add_patch(_rect(j, i, "white", hatch="//"))
                 continue
@@ -189,7 +205,15 @@ def _plot_graph(system: System, out: str) -> None:
             owner = "root" if owner and agent.startswith("root~") else owner
             label = cid.split("/", 1)[1] + f"\n{owner}" + (f" ×{k}" if k > 1 else "")
             ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", fontsize=7)
-    ax.set_xlim(0, len(slots))
+    row_of = {p.task: i for i, p in enumerate(rows) if not p.is_root}
+    for edge in subpath_edges(system):
+        i, j = row_of.get(system.paths[edge["path"]].task), row_of.get(edge["task"])
+        if i is not None and j is not None and i != j:
+            ax.annotate(
+                "", xy=(0, j + 0.5), xytext=(0, i + 0.5),
+                arrowprops={"arrowstyle": "->", "connectionstyle": "arc3,rad=0.4", "lw": 1},
+            )  # fmt: skip
+    ax.set_xlim(-0.6 if subpath_edges(system) else 0, len(slots))
     ax.set_ylim(len(rows), 0)
     ax.set_xticks([j + 0.5 for j in range(len(slots))], slots, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(
@@ -340,6 +364,11 @@ def _html(store, system, paths, candidates, by_task, images, compute) -> str:
     for title, file in images:
         parts.append(f"<h2>{e(title)}</h2><img src='{e(file)}' alt='{e(title)}'>")
     parts.append(_shared_table(system))
+    edges = subpath_edges(system)
+    if edges:
+        rows = [[e_["path"], e_["slot"], e_["task"], e_["subpath"]] for e_ in edges]
+        parts.append("<h2>Multipath sub-paths</h2>")
+        parts.append(_table(["multipath path", "slot", "task", "sub-path (frozen)"], rows))
     records = {r["path"]: r for r in candidates}
     roots = {r.family: r for r in system.roots()}
     for p in paths:

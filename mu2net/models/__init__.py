@@ -26,5 +26,6 @@ __all__ = [
 from mu2net.models import (
     bert,  # noqa: F401,E402
     efficientnet,  # noqa: F401,E402
+    multipath,  # noqa: F401,E402  (registers multipath:<family> twins)
     vit,  # noqa: F401,E402  (registers the family)
 )

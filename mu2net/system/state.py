@@ -9,6 +9,12 @@ Semantics follow reference §1 (µ2Net) with the multiagent generalisation of §
   hyperparameters (gin-style keys) and metrics.
 * A :class:`System` holds every published path (the best per task, plus the roots) and the
   components they reference. Accounted params charge a component shared by k tasks 1/k to each.
+
+A path may be *composite* (a multipath path, reference §7.3): its hparams name its sub-paths
+(other published paths, frozen) and its components hold theirs under ``<slot>/<name>`` next to
+its own. Everything that follows a path's components (locks, accounted params, unpublishing,
+dropping unpublished components, task indexes, loading) therefore follows its sub-paths too: a
+sub-path's components stay locked, loaded and stored while any composite path uses them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from mu2net.errors import Mu2netError
 from mu2net.models.base import num_params as count_params
 from mu2net.models.base import shape_signature
+from mu2net.models.multipath import SubPath, decode_subpaths
 from mu2net.system.names import is_private, validate_agent_name, validate_task_name
 
 ROOT_LOCK_PREFIX = "@root/"
@@ -157,8 +164,34 @@ class Path:
 
     @property
     def private(self) -> bool:
-        """Whether this path may be offered as a parent to other tasks."""
-        return is_private(self.task)
+        """Whether this path may not be offered as a parent to other tasks.
+
+        Composite paths never are: no single-path mutation applies to them.
+        """
+        return is_private(self.task) or self.is_composite
+
+    @property
+    def subpaths(self) -> list[SubPath]:
+        """The sub-paths of a composite path, ``path_0`` first ([] for a single path)."""
+        return decode_subpaths(self.hparams)
+
+    @property
+    def is_composite(self) -> bool:
+        """Whether this path is made of other paths (a multipath path)."""
+        return bool(self.subpaths)
+
+    def subpath(self, slot: str) -> Path:
+        """Sub-path ``slot`` of a composite path as a path of its own (components unprefixed)."""
+        for sub in self.subpaths:
+            if sub.slot == slot:
+                prefix = slot + "/"
+                comps = {
+                    n[len(prefix) :]: cid
+                    for n, cid in self.components.items()
+                    if n.startswith(prefix)
+                }
+                return Path(sub.path, sub.task, sub.family, comps, dict(sub.hparams), sub.agent)
+        raise StateError(f"path {self.id} (task {self.task!r}) has no sub-path {slot!r}")
 
     @property
     def lock(self) -> str:
@@ -428,11 +461,15 @@ class System:
         """Raises :class:`StateError` naming the first inconsistency."""
         for p in self.paths.values():
             comps = self.path_components(p)
-            fams = {c.family for c in comps.values()}
-            if fams - {p.family}:
-                raise StateError(f"path {p.id} mixes families {sorted(fams)}")
+            families = {sub.slot: sub.family for sub in p.subpaths}
             for n, c in comps.items():
-                if c.name != n:
+                slot, _, name = n.rpartition("/")
+                if c.family != families.get(slot, p.family) or slot and slot not in families:
+                    raise StateError(
+                        f"path {p.id}: component {c.id} ({c.family}) in {n!r} is not of family "
+                        f"{families.get(slot, p.family)!r}"
+                    )
+                if c.name != name:
                     raise StateError(f"path {p.id}: slot {n!r} holds component named {c.name!r}")
         heads: dict[str, str] = {}
         for p in self.paths.values():
