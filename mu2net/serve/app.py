@@ -309,8 +309,19 @@ def start(config: ServeConfig, ray_address: str | None = None, timeout_s: float 
         else:
             _init_local_ray()
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{config.host}:{config.port}"
+    return deploy(config, timeout_s=timeout_s)
+
+
+def deploy(
+    config: ServeConfig, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 300.0
+) -> str:
+    """Runs the app for ``config`` on the running Serve under ``route_prefix``; returns its URL.
+
+    Several stores can be served side by side, each as its own application (``name``) under
+    its own prefix; :class:`~mu2net.serve.client.Client` takes the prefixed URL.
+    """
+    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
+    url = f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
     _wait_healthy(url, timeout_s)
     return url
 

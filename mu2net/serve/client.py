@@ -52,7 +52,8 @@ class Client:
     """Talks to one server; safe to share between threads.
 
     Args:
-        url: the server, e.g. ``http://127.0.0.1:8000``.
+        url: the server, e.g. ``http://127.0.0.1:8000`` (or an application's prefix under it,
+            ``http://127.0.0.1:8000/other``).
         timeout: seconds per request.
     """
 
@@ -62,6 +63,7 @@ class Client:
             raise ServeError(f"server URL {url!r}: expected http://HOST:PORT")
         self.url = url.rstrip("/")
         self._host, self._port = parts.hostname, parts.port or 80
+        self._prefix = parts.path.rstrip("/")
         self.timeout = timeout
         self._local = threading.local()
 
@@ -78,7 +80,7 @@ class Client:
         for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
             conn = self._conn()
             try:
-                conn.request(method, route, body=body, headers=headers)
+                conn.request(method, self._prefix + route, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
                 break
