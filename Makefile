@@ -3,7 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench suite-data clean
+
+# Real image data from two Debian packages, for the 8-task suite (benchmarks/quality.py
+# --suite images8): downloaded from the Debian archive and unpacked without root or dpkg -i.
+DEBIAN_DATA ?= $(HOME)/.cache/mu2net/debian
 
 venv: $(STAMP)
 
@@ -35,6 +39,14 @@ format: venv
 
 bench: venv
 	$(PY) benchmarks/throughput.py
+
+suite-data:
+	mkdir -p $(DEBIAN_DATA)/deb
+	cd $(DEBIAN_DATA)/deb && apt-get download dataset-fashion-mnist opencv-doc
+	dpkg-deb -x $(DEBIAN_DATA)/deb/dataset-fashion-mnist_*.deb $(DEBIAN_DATA)
+	dpkg-deb --fsys-tarfile $(DEBIAN_DATA)/deb/opencv-doc_*.deb | tar -x -C $(DEBIAN_DATA) \
+		./usr/share/doc/opencv-doc/examples/data/digits.png
+	rm -rf $(DEBIAN_DATA)/deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

