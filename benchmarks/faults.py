@@ -35,6 +35,7 @@ Usage: ``python benchmarks/faults.py [--kills 24] [--seed 0] [--spawn fork|subpr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -73,8 +74,10 @@ class KillSpec:
     Attributes:
       kind: ``"timed"`` (the parent kills ``delay`` s after the ``after_commits``-th committed task
         iteration of this run), ``"write"`` (the run kills itself at its ``put``-th store write
-        other than a lease write, in ``phase`` before / tmp / after) or ``"lease"`` (at its
-        ``put``-th lease write: 1 is the acquire, 2 and more are renewals).
+        other than a lease write, in ``phase`` before / tmp / after), ``"gen"`` (at the
+        ``put``-th write of its first per-generation commit, the commit after an improving
+        generation) or ``"lease"`` (at its ``put``-th lease renewal: a lease write to a shard
+        it already leased).
     """
 
     kind: str
@@ -87,26 +90,31 @@ class KillSpec:
         """One line for the table."""
         if self.kind == "timed":
             return f"timed: {self.delay:.1f}s after commit #{self.after_commits}"
-        return f"{self.kind}: {self.kind} write #{self.put}, {self.phase}"
+        what = {"write": "store write", "gen": "gen-commit write", "lease": "lease renewal"}
+        return f"{self.kind}: {what[self.kind]} #{self.put}, {self.phase}"
+
+
+HOOKED_KINDS = ("write", "gen", "lease")
 
 
 def sample_specs(n: int, rng: np.random.Generator, max_delay: float = 8.0) -> list[KillSpec]:
-    """``n`` kill specs: 1/2 timed (random delay after a commit), 1/3 mid-commit, 1/6 in a lease
-    renewal."""
+    """``n`` kill specs: 35% timed (a random delay after a commit), 25% inside a per-generation
+    commit, 20% inside any commit, 20% inside a lease renewal."""
     specs = []
     for _ in range(n):
         r = rng.random()
-        if r < 1 / 2:
+        phase = str(rng.choice(PHASES))
+        if r < 0.35:
             specs.append(KillSpec("timed", after_commits=1, delay=float(rng.uniform(0, max_delay))))
-        elif r < 2 / 3:
-            specs.append(
-                KillSpec("lease", put=int(rng.integers(2, 5)), phase=str(rng.choice(PHASES)))
-            )
-        else:
+        elif r < 0.60:
+            # A generation commit writes >= 5 files: params, history, manifest, index, marker.
+            specs.append(KillSpec("gen", put=int(rng.integers(1, 6)), phase=phase))
+        elif r < 0.80:
             # A restart's first writes are its first commit: >= 1 params file, history, manifest.
-            specs.append(
-                KillSpec("write", put=int(rng.integers(1, 4)), phase=str(rng.choice(PHASES)))
-            )
+            specs.append(KillSpec("write", put=int(rng.integers(1, 4)), phase=phase))
+        else:
+            # Renewals come every ttl/3 = 1 s: 1-15 lands anywhere in the first ~15 s of a run.
+            specs.append(KillSpec("lease", put=int(rng.integers(1, 16)), phase=phase))
     return specs
 
 
@@ -149,7 +157,7 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def command(args: Sequence[str], spec: KillSpec | None = None) -> list[str]:
     """The evolve command line; write-kills run through this file's hooked child mode."""
-    if spec is not None and spec.kind in ("write", "lease"):
+    if spec is not None and spec.kind in HOOKED_KINDS:
         return [
             sys.executable,
             os.path.abspath(__file__),
@@ -263,10 +271,8 @@ def run_evolve(
     killed = proc.returncode == -signal.SIGKILL
     if killed and not landed:
         landed = progress["last"]
-        if spec is not None and spec.kind == "write":
-            landed += f" -> in commit (write #{spec.put}, {spec.phase})"
-        if spec is not None and spec.kind == "lease":
-            landed += f" -> in lease write #{spec.put} ({spec.phase})"
+        if spec is not None and spec.kind in HOOKED_KINDS:
+            landed += f" -> in {spec.describe().split(': ', 1)[1]}"
     return RunResult(
         returncode=proc.returncode,
         killed=killed,
@@ -295,7 +301,7 @@ class _Forked:
                 os.dup2(err_w, 2)
                 sys.stdout = os.fdopen(1, "w", buffering=1)
                 sys.stderr = os.fdopen(2, "w", buffering=1)
-                if spec is not None and spec.kind in ("write", "lease"):
+                if spec is not None and spec.kind in HOOKED_KINDS:
                     code = _child_main([spec.kind, str(spec.put), spec.phase, *args])
                 else:
                     code = _evolve(args)
@@ -379,15 +385,53 @@ def observe(url: str) -> dict[str, Any]:
         "verified_components": n_verified,
         "tasks": list(system.tasks),
         "paths": json.loads(json.dumps(paths)),
+        "best": {t: system.best_path(t).id for t in system.tasks if system.best_path(t)},
         "digests": {cid: params_digest(c.params) for cid, c in system.components.items()},
         "records": {cid: {k: r[k] for k in ("file", "sha256")} for cid, r in records.items()},
         "iterations": {t: _iterations(system, t) for t in system.tasks},
+        "progress": {t: _progress(system, t) for t in system.tasks},
+        "manifests": {agent: store.manifest_seqs(agent) for agent in store.shards()},
+        "generations": generation_records(store),
     }
 
 
 def _iterations(system, task: str) -> int:
     best = system.best_path(task)
     return int(best.metrics.get("task_iterations", 0)) if best else 0
+
+
+def _progress(system, task: str) -> list[int]:
+    """[task iterations done, generations committed in the next one] of ``task``."""
+    done = _iterations(system, task)
+    best = system.best_path(task)
+    prog = (best.metrics.get("iteration_progress") or {}) if best else {}
+    return [done, int(prog["generation"]) + 1 if prog.get("iteration") == done else 0]
+
+
+def generation_records(store) -> dict[str, list[str]]:
+    """``"task|iteration|generation"`` -> the history files holding that generation's records.
+
+    Every generation's candidates are committed exactly once: with a previous commit's
+    generation (a lost commit) missing, or in two files (work redone after a commit that had
+    landed), a restart did not resume where the store says.
+    """
+    from mu2net.system import layout
+
+    out: dict[str, set[str]] = {}
+    for agent in store.shards():
+        for name in (store.latest_manifest(agent) or {}).get("history_files", []):
+            data = store.get_bytes(store.path_of(layout.shard_file(agent, name)))
+            for line in data.splitlines():
+                rec = json.loads(line) if line else {}
+                if "generation" in rec and "task" in rec:
+                    key = f"{rec['task']}|{rec['iteration']}|{rec['generation']}"
+                    out.setdefault(key, set()).add(f"{agent}/{name}")
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _progress_of(obs: Mapping[str, Any], task: str) -> tuple[int, int]:
+    prog = obs.get("progress", {}).get(task)
+    return tuple(prog) if prog else (obs["iterations"].get(task, 0), 0)
 
 
 def check_transition(
@@ -407,6 +451,17 @@ def check_transition(
     for t, it in before["iterations"].items():
         if after["iterations"].get(t, 0) < it:
             bad.append(f"task {t}: iterations went back {it} -> {after['iterations'].get(t, 0)}")
+        elif _progress_of(after, t) < _progress_of(before, t):
+            bad.append(f"task {t}: committed generations went back")
+    for agent, seqs in before.get("manifests", {}).items():
+        lost = sorted(set(seqs) - set(after.get("manifests", {}).get(agent, [])))
+        if lost:
+            bad.append(f"shard {agent}: committed manifests {lost} lost")
+    for key, files in after.get("generations", {}).items():
+        if len(files) > 1:
+            bad.append(f"generation {key} committed twice ({files}): a restart redid it")
+    for key in set(before.get("generations", {})) - set(after.get("generations", {})):
+        bad.append(f"generation {key}: its committed records were lost")
     for cid, d in before["digests"].items():
         if cid in after["digests"] and after["digests"][cid] != d:
             bad.append(f"component {cid}: params changed")
@@ -415,7 +470,8 @@ def check_transition(
                 bad.append(f"component {cid}: store record changed")
     for pid, rec in before["paths"].items():
         task = rec["task"]
-        grown = after["iterations"].get(task, 0) > before["iterations"].get(task, 0)
+        # A committed generation may replace the task's path too (per-generation commits).
+        grown = _progress_of(after, task) > _progress_of(before, task)
         new = after["paths"].get(pid)
         if new is None:
             if rec["is_root"] or not grown:
@@ -443,6 +499,11 @@ def same_system(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
         diff.append(f"tasks {a['tasks']} != {b['tasks']}")
     if set(a["paths"]) != set(b["paths"]):
         diff.append(f"path ids {sorted(a['paths'])} != {sorted(b['paths'])}")
+    if set(a.get("generations", {})) != set(b.get("generations", {})):
+        diff.append(
+            f"committed generations {sorted(a.get('generations', {}))} != "
+            f"{sorted(b.get('generations', {}))}"
+        )
     for pid in set(a["paths"]) & set(b["paths"]):
         pa, pb = a["paths"][pid], b["paths"][pid]
         if pa["components"] != pb["components"] or pa["hparams"] != pb["hparams"]:
@@ -473,6 +534,230 @@ def leftovers(url: str) -> dict[str, int]:
                 orphans += 1
     lease_tmp = sum(".tmp-" in p for p in store.fs.find(store.path_of(layout.LEASES)))
     return {"tmp_files": tmp, "orphan_params": orphans, "lease_tmp_files": lease_tmp}
+
+
+# ----------------------------------------------------------------------------- a serving reader
+READER_FLAG = "--serve-reader"
+
+
+def _prediction(pred) -> list[str]:
+    """[path id, sha256 of labels and probabilities] of ``pred`` on fixed per-task inputs."""
+    import zlib
+
+    rng = np.random.default_rng(zlib.crc32(pred.task.encode()))
+    x = rng.normal(size=(4, *pred.input_shape)).astype(np.float32)
+    labels, probs = pred.predict(pred.task, x)
+    return [pred.path_id, hashlib.sha256(probs.tobytes() + labels.tobytes()).hexdigest()]
+
+
+def _reader_loop(url: str, commands, answers) -> int:
+    """A serving process: a :class:`~mu2net.serve.PredictorPool` on ``url`` that reloads on
+    request.
+
+    Each command line ``refresh K`` refreshes the pool (swapping in newly published paths) and
+    loads every published task it does not hold yet; with ``K > 0`` the process SIGKILLs itself
+    at the K-th file read of that reload. It answers one JSON line: per task, the pool's
+    ``[path id, predictions digest]`` and a fresh ``mu2net.serve.load``'s.
+    """
+    from mu2net.serve import PredictorPool, TaskPredictor
+    from mu2net.system import store as store_mod
+
+    real_get = store_mod.Store.get_bytes
+    armed = {"reads": 0}
+
+    def get_bytes(self, path):
+        if armed["reads"]:
+            armed["reads"] -= 1
+            if not armed["reads"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_get(self, path)
+
+    store_mod.Store.get_bytes = get_bytes
+    pool = None
+    for line in commands:
+        cmd, reads = line.split()
+        if cmd != "refresh":
+            return 0
+        pool = pool or PredictorPool(url)
+        tasks = sorted({p.task for p in store_mod.Store.open(url).load().task_paths()})
+        armed["reads"] = int(reads)
+        pool.refresh()
+        for task in tasks:
+            pool.get(task)
+        armed["reads"] = 0
+        out = {}
+        for task in pool.loaded():
+            fresh = TaskPredictor.load(url, task)
+            out[task] = {"pool": _prediction(pool.get(task)), "fresh": _prediction(fresh)}
+            fresh.close()
+        answers.write(json.dumps(out) + "\n")
+        answers.flush()
+    return 0
+
+
+class ServingReader:
+    """A serving reader process (forked, or ``faults.py --serve-reader URL``) and its pipes."""
+
+    def __init__(self, url: str, spawn: str, log_path: str):
+        self.returncode: int | None = None
+        if spawn == "fork":
+            cmd_r, cmd_w = os.pipe()
+            out_r, out_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                code = 1
+                try:
+                    os.close(cmd_w)
+                    os.close(out_r)
+                    err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                    os.dup2(err, 2)
+                    sys.stderr = os.fdopen(2, "w", buffering=1)
+                    code = _reader_loop(url, os.fdopen(cmd_r), os.fdopen(out_w, "w"))
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
+            os.close(cmd_r)
+            os.close(out_w)
+            self.pid, self.stdin, self.stdout = pid, os.fdopen(cmd_w, "w"), os.fdopen(out_r)
+            self._proc = None
+        else:
+            with open(log_path, "a") as err:
+                self._proc = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), READER_FLAG, url],
+                    cwd=REPO,
+                    env=child_env(),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    bufsize=1,
+                )
+            self.pid, self.stdin, self.stdout = self._proc.pid, self._proc.stdin, self._proc.stdout
+
+    def ask(self, kill_at_read: int = 0, timeout: float = 600.0) -> dict[str, Any] | None:
+        """Asks for a reload and the answers; None when the reader died (killed mid-reload)."""
+        import select
+
+        try:
+            self.stdin.write(f"refresh {kill_at_read}\n")
+            self.stdin.flush()
+        except BrokenPipeError:
+            return self._dead()
+        ready, _, _ = select.select([self.stdout], [], [], timeout)
+        if not ready:
+            self.close()
+            raise TimeoutError(f"serving reader gave no answer in {timeout:.0f} s")
+        line = self.stdout.readline()
+        return json.loads(line) if line else self._dead()
+
+    def _dead(self) -> None:
+        if self._proc is not None:
+            self.returncode = self._proc.wait(60)
+        else:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else status
+        return None
+
+    def close(self) -> None:
+        """Stops the reader (by its pid) and reaps it."""
+        if self.returncode is not None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+        self._dead()
+
+
+class ServeCheck:
+    """A serving reader follows a chain's store; its reloads are checked and sometimes killed.
+
+    After every kill of ``evolve`` the reader reloads (a fraction of reloads is SIGKILLed at a
+    random file read: a kill during a serving reload; a new reader then starts). Every answer
+    must come from the task's published path, agree with a fresh ``mu2net.serve.load``, and a
+    path's predictions never change (bit-identical probabilities, by path id, across reloads,
+    restarts and the whole chain); a killed reader leaves the store's files as they were.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        spawn: str,
+        rng: np.random.Generator,
+        log_path: str,
+        kill_fraction: float = 1 / 3,
+    ):
+        self.url, self.spawn, self.rng, self.log_path = url, spawn, rng, log_path
+        self.kill_fraction = kill_fraction
+        self.reader: ServingReader | None = None
+        self.seen: dict[str, str] = {}  # path id -> predictions digest
+        self.kills: list[dict[str, Any]] = []
+        self.reloads = 0
+
+    def check(self, obs: Mapping[str, Any], chain: int = 0) -> tuple[list[str], dict]:
+        """One reload (maybe killed) after ``obs`` was observed; returns violations, answers."""
+        if self.reader is None:
+            self.reader = ServingReader(self.url, self.spawn, self.log_path)
+        reads = 0
+        if self.rng.random() < self.kill_fraction:
+            reads = int(self.rng.integers(1, 5))
+        before = _listing(self.url) if reads else None
+        answers = self.reader.ask(reads)
+        if answers is None and (not reads or self.reader.returncode != -signal.SIGKILL):
+            raise RuntimeError(
+                f"serving reader failed (rc {self.reader.returncode}); see {self.log_path}"
+            )
+        if answers is None:  # killed mid-reload: a new serving process takes over
+            self.reader = ServingReader(self.url, self.spawn, self.log_path)
+            answers = self.reader.ask(0)
+            bad = self._judge(answers, obs)
+            if _listing(self.url) != before:
+                bad.append("a serving reader killed mid-reload changed the store's files")
+            self.kills.append(
+                {
+                    "chain": chain,
+                    "spec": f"serve: reload killed at read #{reads}",
+                    "violations": bad,
+                    "survived": not bad,
+                }
+            )
+            return bad, answers
+        return self._judge(answers, obs), answers
+
+    def _judge(self, answers: Mapping[str, Any], obs: Mapping[str, Any]) -> list[str]:
+        self.reloads += 1
+        bad = []
+        for task in sorted(set(obs["best"]) - set(answers)):
+            bad.append(f"serving: published task {task} not answered")
+        for task, a in answers.items():
+            if a["pool"] != a["fresh"]:
+                bad.append(
+                    f"serving {task}: reload answered {a['pool']}, a fresh load {a['fresh']}"
+                )
+            if a["pool"][0] != obs["best"].get(task):
+                bad.append(
+                    f"serving {task}: answered from {a['pool'][0]}, published is "
+                    f"{obs['best'].get(task)}"
+                )
+            for pid, digest in (a["pool"], a["fresh"]):
+                if self.seen.setdefault(pid, digest) != digest:
+                    bad.append(f"serving {task}: predictions of published path {pid} changed")
+        return bad
+
+    def close(self) -> None:
+        """Stops the reader."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+def _listing(url: str) -> dict[str, int]:
+    """Every file of the store (temp files included) and its size."""
+    from mu2net.system.store import Store
+
+    store = Store.open(url)
+    return {p: store.fs.size(p) for p in sorted(store.fs.find(store.root))}
 
 
 # ----------------------------------------------------------------------------- chains of kills
@@ -507,13 +792,15 @@ def run_chain(
     timeout: float = 900.0,
     spawn: str = "subprocess",
     log=print,
+    serve: ServeCheck | None = None,
 ) -> tuple[list[KillResult], dict[str, Any]]:
     """Runs evolve on ``url``, killing it per ``specs`` and restarting, then lets it finish.
 
     The first run of a fresh store sets it up (root, tasks) and must not be killed before its
     first commit; every kill spec is tried once (a run that finishes before its kill is simply
-    restarted with the next spec). Returns the kill results and the final run's report
-    (``completed``, ``final`` observation).
+    restarted with the next spec). With ``serve``, a serving reader reloads after every kill
+    and at the end (:class:`ServeCheck`). Returns the kill results and the final run's report
+    (``completed``, ``final`` observation, the reader's last ``answers``).
     """
     args = evolve_args(url, tasks, agent=agent, num_cycles=num_cycles)
     results: list[KillResult] = []
@@ -522,6 +809,7 @@ def run_chain(
     queue = list(specs)
     while True:
         spec = queue.pop(0) if queue else None
+        # A set-up run may only die once the store exists (a generation commit comes after).
         if spec is not None and spec.kind in ("write", "lease") and prev is None:
             spec = KillSpec("timed", after_commits=1, delay=spec.put * 0.5)  # set-up run
         res = run_evolve(args, spec, timeout=timeout, spawn=spawn)
@@ -538,6 +826,10 @@ def run_chain(
             undone = {t: n for t, n in final["iterations"].items() if n != want}
             if undone:
                 bad.append(f"run completed with task iterations {undone}, expected {want}")
+            answers = None
+            if serve is not None:
+                served, answers = serve.check(final, chain)
+                bad += served
             if spec is not None:
                 log(f"  chain {chain}: run finished before its kill ({spec.describe()})")
             # A finished run leaves nothing to kill: remaining specs would only start no-op runs.
@@ -545,12 +837,15 @@ def run_chain(
                 "completed": not bad,
                 "violations": bad,
                 "final": final,
+                "answers": answers,
                 "seconds": res.seconds,
             }
         try:
             obs = observe(url)
             violations = check_transition(prev, obs, allowed_metrics) if prev else []
             violations += _immutability(seen_digests, obs)
+            if serve is not None:
+                violations += serve.check(obs, chain)[0]
             kr = KillResult(
                 chain,
                 spec.describe(),
@@ -606,21 +901,32 @@ def _child_main(argv: Sequence[str]) -> int:
     """``faults.py --fault-child KIND PUT PHASE evolve-args...``: SIGKILL self at a write.
 
     ``KIND`` "write" counts the store writes other than lease writes (params, history,
-    manifest, indexes); "lease" counts the lease writes (acquire, renewals, release).
+    manifest, indexes); "gen" those of the run's first per-generation commit only (its note ends
+    in ``genN``); "lease" the lease renewals (writes to a shard's lease this run already wrote).
     """
     kind, put_index, phase, *args = argv
     put_index = int(put_index)
     from mu2net.system import store as store_mod
 
-    original = store_mod.Store.put_bytes
+    original, original_commit = store_mod.Store.put_bytes, store_mod.Store.commit
     count = [0]
+    leased: set[str] = set()
+    gen_commit = {"n": 0, "inside": False}
 
     def die():
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def counted(path: str) -> bool:
+        if "/leases/" in path:
+            shard = path.split("/leases/", 1)[1].split("/", 1)[0]
+            renewal = shard in leased
+            leased.add(shard)
+            return kind == "lease" and renewal
+        return kind == "write" or (kind == "gen" and gen_commit["inside"])
+
     def hooked(self, path, data):
-        if ("/leases/" in path) != (kind == "lease"):
+        if not counted(path):
             return original(self, path, data)
         count[0] += 1
         if count[0] != put_index:
@@ -639,47 +945,111 @@ def _child_main(argv: Sequence[str]) -> int:
         original(self, path, data)
         die()
 
+    def commit(self, system, agent, history=(), note=""):
+        is_gen = re.search(r" gen\d+$", note) is not None
+        gen_commit["n"] += is_gen
+        gen_commit["inside"] = is_gen and gen_commit["n"] == 1
+        try:
+            return original_commit(self, system, agent, history, note)
+        finally:
+            gen_commit["inside"] = False
+
     store_mod.Store.put_bytes = hooked
+    store_mod.Store.commit = commit
     return _evolve(args)
 
 
 # ----------------------------------------------------------------------------- the benchmark
+CONFIGS = (
+    {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": None, "num_cycles": 2},
+    {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": "solo", "num_cycles": 2},
+)
+CHAIN_KILLS = 4  # kills per chain: a chain (and so a checkpointed part) stays a few minutes
+
+
 def benchmark(
-    kills: int, seed: int, workdir: str, spawn: str = "fork", log=print
+    kills: int,
+    seed: int,
+    workdir: str,
+    spawn: str = "fork",
+    log=print,
+    checkpoint: str | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
-    """Reference run, then chains of kills until ``kills`` kills were delivered."""
-    rng = np.random.default_rng(seed)
-    configs = [
-        {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": None, "num_cycles": 2},
-        {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": "solo", "num_cycles": 2},
-    ]
-    refs = {}
-    iteration_seconds = []
+    """Reference runs, then chains of kills until ``kills`` kills were delivered.
+
+    With ``checkpoint`` (a JSON file) the state is saved after the references and after every
+    chain, and a later call with the same seed resumes from it; ``budget_s`` stops starting new
+    chains after that many seconds (so a long campaign runs in parts).
+    """
     t0 = time.time()
-    for i, cfg in enumerate(configs):
-        url = os.path.join(workdir, f"reference-{i}")
-        res = run_evolve(
-            evolve_args(url, cfg["tasks"], agent=cfg["agent"], num_cycles=cfg["num_cycles"]),
-            spawn=spawn,
+    state = _resume(checkpoint, seed, kills) or {
+        "seed": seed,
+        "kills_wanted": kills,
+        "refs": [],
+        "chains": [],
+        "kills": [],
+        "serve_kills": [],
+        "seconds": 0.0,
+    }
+    rng = np.random.default_rng(seed)
+    if "rng" in state:
+        rng.bit_generator.state = state["rng"]
+
+    def save():
+        state["rng"] = rng.bit_generator.state
+        state["seconds"] = state.get("seconds_before", 0.0) + time.time() - t0
+        if checkpoint:
+            _write_json(checkpoint, summarize(state))
+
+    state["seconds_before"] = state.get("seconds", 0.0)
+    if not state["refs"]:
+        iteration_seconds = []
+        for i, cfg in enumerate(CONFIGS):
+            url = os.path.join(workdir, f"reference-{i}")
+            res = run_evolve(evolve_args(url, **cfg), spawn=spawn)
+            if res.returncode != 0:
+                raise RuntimeError(f"reference run failed:\n{res.stderr[-3000:]}")
+            serve = ServeCheck(url, spawn, rng, os.path.join(workdir, "reader.log"), 0.0)
+            obs = observe(url)
+            _, answers = serve.check(obs)
+            serve.close()
+            state["refs"].append({"final": obs, "answers": answers})
+            iteration_seconds += list(np.diff(res.commit_times))
+            log(
+                f"reference {i} ({cfg}): {res.seconds:.0f}s, commits at "
+                f"{[round(t) for t in res.commit_times]}s"
+            )
+        # Timed kills land up to 1.2 task iterations after a commit: anywhere in the next
+        # iteration's generations, test evaluation or commit (or, rarely, the one after).
+        state["max_delay_s"] = (
+            1.2 * float(np.mean(iteration_seconds)) if iteration_seconds else 10.0
         )
-        if res.returncode != 0:
-            raise RuntimeError(f"reference run failed:\n{res.stderr[-3000:]}")
-        refs[i] = observe(url)
-        iteration_seconds += list(np.diff(res.commit_times))
-        log(
-            f"reference {i} ({cfg}): {res.seconds:.0f}s, commits at "
-            f"{[round(t) for t in res.commit_times]}s"
-        )
-    # Timed kills land up to 1.2 task iterations after a commit: anywhere in the next iteration's
-    # generations, test evaluation or commit (or, rarely, the one after).
-    max_delay = 1.2 * float(np.mean(iteration_seconds)) if iteration_seconds else 10.0
-    results: list[KillResult] = []
-    chains = []
-    c = 0
-    while len(results) < kills:
-        cfg = configs[c % len(configs)]
-        url = os.path.join(workdir, f"chain-{c}")
-        specs = sample_specs(min(8, kills - len(results)), rng, max_delay)
+        save()
+    while len(state["kills"]) < kills and (budget_s is None or time.time() - t0 < budget_s):
+        if state["chains"] and not state["chains"][-1]["completed"]:
+            break  # a chain that did not complete ends the campaign: that is the finding
+        _one_chain(state, rng, workdir, spawn, log)
+        save()
+    save()
+    return summarize(state)
+
+
+def _one_chain(
+    state: dict[str, Any], rng: np.random.Generator, workdir: str, spawn: str, log
+) -> None:
+    """Runs chain number ``len(state["chains"])`` and records it in ``state``."""
+    c = len(state["chains"])
+    cfg = CONFIGS[c % len(CONFIGS)]
+    ref = state["refs"][c % len(CONFIGS)]
+    url = os.path.join(workdir, f"chain-{c}")
+    specs = sample_specs(
+        min(CHAIN_KILLS, state["kills_wanted"] - len(state["kills"])), rng, state["max_delay_s"]
+    )
+    serve = ServeCheck(
+        url, spawn, np.random.default_rng([state["seed"], c]), os.path.join(workdir, "reader.log")
+    )
+    try:
         kr, report = run_chain(
             url,
             cfg["tasks"],
@@ -689,42 +1059,81 @@ def benchmark(
             num_cycles=cfg["num_cycles"],
             spawn=spawn,
             log=log,
+            serve=serve,
         )
-        results += kr
-        same = same_system(refs[c % len(configs)], report["final"]) if report["final"] else None
-        chains.append(
-            {
-                "chain": c,
-                "config": cfg,
-                "kills": len(kr),
-                "completed": report["completed"],
-                "violations": report["violations"],
-                "matches_reference": same == [],
-                "reference_differences": same,
-            }
-        )
-        log(
-            f"chain {c}: {len(kr)} kills, completed={report['completed']}, "
-            f"same system as the uninterrupted run: {same == []}"
-        )
-        c += 1
-        if not report["completed"]:
-            break
-    return {
-        "max_delay_s": max_delay,
-        "kills_tried": len(results),
-        "kills_survived": sum(r.survived for r in results),
-        "by_kind": {
-            kind: {
-                "tried": sum(r.spec.startswith(kind) for r in results),
-                "survived": sum(r.spec.startswith(kind) and r.survived for r in results),
-            }
-            for kind in ("timed", "write", "lease")
-        },
-        "chains": chains,
-        "kills": [dataclasses.asdict(r) | {"survived": r.survived} for r in results],
-        "seconds": time.time() - t0,
+    finally:
+        serve.close()
+    state["kills"] += [dataclasses.asdict(r) | {"survived": r.survived} for r in kr]
+    state["serve_kills"] += serve.kills
+    same = same_system(ref["final"], report["final"]) if report["final"] else None
+    same_answers = report.get("answers") == ref["answers"] if report["final"] else None
+    state["chains"].append(
+        {
+            "chain": c,
+            "config": cfg,
+            "kills": len(kr),
+            "serve_kills": len(serve.kills),
+            "serving_reloads": serve.reloads,
+            "completed": report["completed"],
+            "violations": report["violations"],
+            "matches_reference": same == [],
+            "reference_differences": same,
+            "predictions_match_reference": same_answers,
+        }
+    )
+    log(
+        f"chain {c}: {len(kr)} kills + {len(serve.kills)} serving kills, completed="
+        f"{report['completed']}, same system as the uninterrupted run: {same == []}, same "
+        f"predictions: {same_answers}"
+    )
+    shutil.rmtree(url, ignore_errors=True)
+
+
+def summarize(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The report (also the checkpoint): counts per kind and everything needed to resume."""
+    kills = state["kills"]
+    by_kind = {
+        kind: {
+            "tried": sum(k["spec"].startswith(kind + ":") for k in kills),
+            "survived": sum(k["spec"].startswith(kind + ":") and k["survived"] for k in kills),
+        }
+        for kind in ("timed", "gen", "write", "lease")
     }
+    serve = state.get("serve_kills", [])
+    by_kind["serve"] = {"tried": len(serve), "survived": sum(k["survived"] for k in serve)}
+    return {
+        **state,
+        "kills_tried": len(kills) + len(serve),
+        "kills_survived": sum(k["survived"] for k in kills) + by_kind["serve"]["survived"],
+        "by_kind": by_kind,
+        "corrupted_stores": sum(bool(k.get("error")) for k in kills),
+        "chains_completed": sum(c["completed"] for c in state["chains"]),
+        "chains_matching_reference": sum(bool(c["matches_reference"]) for c in state["chains"]),
+        "chains_with_reference_predictions": sum(
+            bool(c.get("predictions_match_reference")) for c in state["chains"]
+        ),
+        "done": len(kills) >= state["kills_wanted"],
+    }
+
+
+def _resume(checkpoint: str | None, seed: int, kills: int) -> dict[str, Any] | None:
+    if not checkpoint or not os.path.exists(checkpoint):
+        return None
+    with open(checkpoint) as f:
+        state = json.load(f)
+    if state.get("seed") != seed or "rng" not in state:
+        raise SystemExit(
+            f"{checkpoint}: a checkpoint of another campaign (seed {state.get('seed')})"
+        )
+    state["kills_wanted"] = kills
+    return state
+
+
+def _write_json(path: str, body: Mapping[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def print_table(report: Mapping[str, Any]) -> None:
@@ -748,11 +1157,17 @@ def print_table(report: Mapping[str, Any]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+    for i, k in enumerate(report.get("serve_kills", []), 1):
+        print(
+            f"serving kill {i} (chain {k['chain']}): {k['spec']}: "
+            f"{'survived' if k['survived'] else 'FAILED ' + '; '.join(k['violations'])}"
+        )
     print()
     for ch in report["chains"]:
         print(
-            f"chain {ch['chain']}: {ch['kills']} kills, run completed: {ch['completed']}, "
-            f"final system identical to the uninterrupted run: {ch['matches_reference']}"
+            f"chain {ch['chain']}: {ch['kills']} kills + {ch.get('serve_kills', 0)} serving, run "
+            f"completed: {ch['completed']}, final system identical to the uninterrupted run: "
+            f"{ch['matches_reference']}, same predictions: {ch.get('predictions_match_reference')}"
         )
     for kind, n in report.get("by_kind", {}).items():
         print(f"{kind} kills survived / tried: {n['survived']} / {n['tried']}")
@@ -789,8 +1204,20 @@ def fuzz(cases: int, seed: int, out: str) -> int:
     )
     for v in report["first_violations"]:
         print("  " + v[:300])
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    # Parts of a long run (other seeds) accumulate in one file: totals over all parts.
+    parts = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            parts = json.load(f).get("parts", {})
+    parts[str(seed)] = report
+    totals = {
+        "cases_tried": sum(r["cases_tried"] for r in parts.values()),
+        "violations": sum(r["violations"] for r in parts.values()),
+        "seconds": sum(r["seconds"] for r in parts.values()),
+        "seeds": sorted(int(k) for k in parts),
+    }
+    print(f"all parts: {totals}")
+    _write_json(out, {**totals, "parts": parts})
     return 0 if report["violations"] == 0 else 1
 
 
@@ -815,6 +1242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead of kills: run this many fuzzed-store-file cases (tests/test_system_fuzz.py)"
         " and report cases tried and crashes outside mu2net errors",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="checkpoint to --out after every chain and resume from it (same --seed): a long "
+        "campaign in parts",
+    )
+    p.add_argument("--budget_s", type=float, default=None, help="start no chain after this")
     args = p.parse_args(argv)
     if args.fuzz:
         return fuzz(args.fuzz, args.seed, args.out.replace("faults.json", "faults_fuzz.json"))
@@ -823,19 +1257,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="mu2net-faults-")
     os.makedirs(workdir, exist_ok=True)
     try:
-        report = benchmark(args.kills, args.seed, workdir, spawn=args.spawn)
+        report = benchmark(
+            args.kills,
+            args.seed,
+            workdir,
+            spawn=args.spawn,
+            checkpoint=args.out if args.resume else None,
+            budget_s=args.budget_s,
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report["load_average"] = os.getloadavg()
+    report["load_average"] = report.get("load_average", []) + [os.getloadavg()]
     report["spawn"] = args.spawn
     print_table(report)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    _write_json(args.out, report)
     return 0 if report["kills_survived"] == report["kills_tried"] else 1
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == CHILD_FLAG:
         sys.exit(_child_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == READER_FLAG:
+        sys.exit(_reader_loop(sys.argv[2], sys.stdin, sys.stdout))
     sys.exit(main())

@@ -1,12 +1,13 @@
 """Crash safety of `evolve`: SIGKILL at sampled instants, restart, the store stays intact.
 
-The sampled CI version of ``benchmarks/faults.py`` (which runs >= 20 kills): one evolve agent on
-two tiny tasks is killed three times -- once a random delay into the second task's iteration (after
-the first task's commit), once in the middle of a commit (the process kills itself at one of its
-first store writes), once inside its first lease renewal -- and restarted (each restart waits
-for the dead holder's lease to expire). After each kill the store must open, verify every checksum,
+The sampled CI version of ``benchmarks/faults.py`` (which runs >= 40 kills): one evolve agent on
+two tiny tasks is killed three times -- inside its first per-generation commit (the process kills
+itself at one of that commit's writes), a random delay into the second task's iteration (after
+the first task's commit), inside its first lease renewal -- and restarted (each restart waits for
+the dead holder's lease to expire). After each kill the store must open, verify every checksum,
 validate, and show every path published before the kill unchanged (same record, bit-identical
-params); the last restart must complete the run. ``MU2NET_FAULT_SEED`` picks other kill points.
+params); the last restart must complete the run with every generation committed exactly once.
+``MU2NET_FAULT_SEED`` picks other kill points.
 """
 
 import importlib.util
@@ -72,12 +73,13 @@ def test_transition_check_catches_changes():
 def test_sigkill_and_restart_keeps_the_store_intact(tmp_path):
     rng = np.random.default_rng(int(os.environ.get("MU2NET_FAULT_SEED", "0")))
     specs = [
-        # Into the second task's iteration: its generations, test eval or commit.
+        # The first per-generation commit (lfw_faces it0 gen0, after the store's set-up): its
+        # params, history, manifest, index or marker, before / at / after the publish.
+        faults.KillSpec("gen", put=int(rng.integers(1, 6)), phase=str(rng.choice(faults.PHASES))),
+        # Into the second task's iteration: its generations, test eval or commits.
         faults.KillSpec("timed", after_commits=1, delay=float(rng.uniform(0.0, 3.0))),
-        # A commit's first writes: params file(s), history or manifest, before/at/after publish.
-        faults.KillSpec("write", put=int(rng.integers(1, 3)), phase=str(rng.choice(faults.PHASES))),
-        # A lease renewal (write 1 is the acquire): the restart waits out the dead lease.
-        faults.KillSpec("lease", put=2, phase=str(rng.choice(faults.PHASES))),
+        # The first lease renewal: the restart waits out the dead lease.
+        faults.KillSpec("lease", put=1, phase=str(rng.choice(faults.PHASES))),
     ]
     url = str(tmp_path / "store")
     results, report = faults.run_chain(
@@ -85,14 +87,21 @@ def test_sigkill_and_restart_keeps_the_store_intact(tmp_path):
     )
     summary = [(r.spec, r.landed, r.error, r.violations) for r in results]
     assert len(results) == 3, f"a kill was not delivered: {summary}"
+    assert "gen-commit write" in results[0].landed, summary
     for r in results:
         assert r.survived, f"kill {r.spec} (landed: {r.landed}) broke the store: {r.error}"
         assert r.verified > 0
     assert report["completed"], report["violations"]
     final = report["final"]
     assert final["iterations"] == {t: 1 for t in TASKS}
-    if specs[1].phase == "tmp":  # the kill really landed inside a write: its temp file is left
-        assert results[1].leftovers["tmp_files"] >= 1, results[1]
+    # Every generation committed exactly once: none lost, none redone after its commit landed
+    # (each restart resumed after the last committed generation).
+    assert final["generations"] == {
+        f"{t}|0|{g}": final["generations"][f"{t}|0|{g}"] for t in TASKS for g in (0, 1)
+    }
+    assert all(len(files) == 1 for files in final["generations"].values())
+    if specs[0].phase == "tmp" and specs[0].put <= 3:  # a shard file's temp file is left
+        assert results[0].leftovers["tmp_files"] >= 1, results[0]
 
 
 def test_kill_inside_store_create_does_not_block_the_restart(tmp_path):

@@ -13,7 +13,7 @@ from test_system_task_index import _new_best
 
 from mu2net import cli
 from mu2net.system import Path, Store, System, agent_for_task, layout, task_index
-from mu2net.system.documents import canonical, sha256
+from mu2net.system.documents import StoreError, canonical, sha256
 from mu2net.system.verify import last_result, record_result, verify_store
 
 A = agent_for_task("t:a")
@@ -95,6 +95,22 @@ def test_dangling_reference(store_url):
     fault = _only(verify_store(Store.open(url)), "dangling")
     assert fault.file == store.manifest_path(A, 1) and fault.tasks == ["t:a"]
     assert "t~a/c999" in fault.detail
+
+
+def test_path_of_a_task_no_shard_lists(store_url):
+    """A (re-signed) manifest that lost its task entry: the fuzzer found load dropping the task
+    from the live mixture silently; now load refuses and verify names the manifest."""
+    url, _ = store_url
+    store = Store.open(url)
+    c = agent_for_task("t:c")
+    body = store.latest_manifest(c)
+    assert [t["task"] for t in body["tasks"]] == ["t:c"]
+    body.update(seq=1, tasks=[])
+    store.put_bytes(store.manifest_path(c, 1), store.document(body))
+    fault = _only(verify_store(Store.open(url)), "dangling")
+    assert fault.file == store.manifest_path(c, 1) and fault.tasks == ["t:c"]
+    with pytest.raises(StoreError, match="manifest-00000001.*no shard lists"):
+        Store.open(url).load()
 
 
 def test_stale_index_is_found_and_repaired_without_touching_params(store_url):

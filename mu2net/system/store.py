@@ -343,15 +343,19 @@ class Store:
             if task not in system.tasks:
                 system.tasks.append(validate_task_name(task))
                 system.task_agents[task] = agent
+        why = f"; skipped broken state(s): {'; '.join(map(str, skipped))}" if skipped else ""
         for p in system.paths.values():
             missing = [c for c in p.components.values() if c not in system.components]
             if missing:
-                why = (
-                    f"; skipped broken state(s): {'; '.join(map(str, skipped))}" if skipped else ""
-                )
                 raise StoreError(
                     f"{sources[p.id]}: path {p.id} of task {p.task!r} references component(s) "
                     f"{missing} that no shard holds (missing or foreign shard){why}"
+                )
+            if agents is None and not p.is_root and p.task not in system.tasks:
+                # Dropping the path would silently shrink the live mixture.
+                raise StoreError(
+                    f"{sources[p.id]}: path {p.id} is of task {p.task!r}, which no shard lists "
+                    f"in the live mixture (a manifest lost its task entry){why}"
                 )
         system.recompute_locks()
         if not lazy:

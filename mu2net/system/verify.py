@@ -130,11 +130,15 @@ class _Scrub:
 
     def references(self) -> None:
         known = {cid for body in self.bodies.values() for cid in body["components"]}
+        listed = {t["task"] for body in self.bodies.values() for t in body["tasks"]}
         for agent, body in self.bodies.items():
             where = self.store.manifest_path(agent, body["seq"])
             for pd in body["paths"]:
                 if not pd["is_root"]:
                     self.report.tasks += 1
+                    if pd["task"] not in listed:
+                        detail = f"path {pd['id']} is of task {pd['task']!r}, which no shard lists"
+                        self.fault(where, "dangling", detail, [pd["task"]])
                 for cid in pd["components"].values():
                     self.users.setdefault(cid, set()).add(pd["task"])
                     if cid not in known:
