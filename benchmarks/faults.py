@@ -1043,6 +1043,7 @@ def _one_chain(
     cfg = CONFIGS[c % len(CONFIGS)]
     ref = state["refs"][c % len(CONFIGS)]
     url = os.path.join(workdir, f"chain-{c}")
+    shutil.rmtree(url, ignore_errors=True)  # what a part stopped in this chain left behind
     specs = sample_specs(
         min(CHAIN_KILLS, state["kills_wanted"] - len(state["kills"])), rng, state["max_delay_s"]
     )
@@ -1107,6 +1108,8 @@ def summarize(state: Mapping[str, Any]) -> dict[str, Any]:
         "kills_survived": sum(k["survived"] for k in kills) + by_kind["serve"]["survived"],
         "by_kind": by_kind,
         "corrupted_stores": sum(bool(k.get("error")) for k in kills),
+        "lost_commits": _count(state, ("lost", "went back", "disappeared", "missing")),
+        "changed_published_predictions": _count(state, ("predictions", "params")),
         "chains_completed": sum(c["completed"] for c in state["chains"]),
         "chains_matching_reference": sum(bool(c["matches_reference"]) for c in state["chains"]),
         "chains_with_reference_predictions": sum(
@@ -1114,6 +1117,13 @@ def summarize(state: Mapping[str, Any]) -> dict[str, Any]:
         ),
         "done": len(kills) >= state["kills_wanted"],
     }
+
+
+def _count(state: Mapping[str, Any], words: Sequence[str]) -> int:
+    """Violations (after kills, serving kills and at chain ends) that mention any of ``words``."""
+    found = [v for k in [*state["kills"], *state.get("serve_kills", [])] for v in k["violations"]]
+    found += [v for c in state["chains"] for v in c["violations"]]
+    return sum(any(w in v for w in words) for v in found)
 
 
 def _resume(checkpoint: str | None, seed: int, kills: int) -> dict[str, Any] | None:
@@ -1186,6 +1196,8 @@ def fuzz(cases: int, seed: int, out: str) -> int:
     stats = test_system_fuzz.run_cases(cases, seed=seed)
     report = {
         "cases_tried": stats["cases"],
+        "bad_files": stats["bad_files"],
+        "distinct_bad_files": stats["distinct_bad_files"],
         "violations": len(stats["violations"]),
         "first_violations": stats["violations"][:20],
         "by_mutation": dict(sorted(stats["kinds"].items())),
@@ -1212,6 +1224,7 @@ def fuzz(cases: int, seed: int, out: str) -> int:
     parts[str(seed)] = report
     totals = {
         "cases_tried": sum(r["cases_tried"] for r in parts.values()),
+        "bad_files": sum(r.get("bad_files", 0) for r in parts.values()),
         "violations": sum(r["violations"] for r in parts.values()),
         "seconds": sum(r["seconds"] for r in parts.values()),
         "seeds": sorted(int(k) for k in parts),
@@ -1219,6 +1232,83 @@ def fuzz(cases: int, seed: int, out: str) -> int:
     print(f"all parts: {totals}")
     _write_json(out, {**totals, "parts": parts})
     return 0 if report["violations"] == 0 else 1
+
+
+def verify_benchmark(n_tasks: int, workdir: str, out: str) -> int:
+    """Times ``mu2net verify`` on a healthy store of ``n_tasks`` tasks of real sizes.
+
+    The root is EfficientNet-Lite0 (19 components, 4.7M params, freshly initialised); each task
+    publishes a path with its own 10-class head and three cloned (and changed) blocks, committed
+    to its own shard, as evolution would leave it. Writes ``faults_verify.json``.
+    """
+    import jax
+
+    import mu2net.models.efficientnet  # noqa: F401  (registers the family)
+    from mu2net.models.base import get_family
+    from mu2net.system import Path, Store, System, agent_for_task
+    from mu2net.system.verify import verify_store
+
+    family = get_family("efficientnet_lite0")
+    hp = family.default_hparams()
+    root_params = jax.tree.map(np.asarray, family.init(jax.random.PRNGKey(0), hp))
+    rng = np.random.default_rng(0)
+    url = os.path.join(workdir, f"verify-{n_tasks}")
+    shutil.rmtree(url, ignore_errors=True)
+    store = Store.create(url, "verify")
+    s = System()
+    root = s.add_root("root:effnet", family.name, root_params, hp, "root")
+    store.commit(s, "root")
+    t0 = time.time()
+    for i in range(n_tasks):
+        task, agent = f"bench:task{i}", agent_for_task(f"bench:task{i}")
+        s.add_task(task, agent)
+        comps = dict(root.components)
+        for name in ["head", *(f"block_{b}" for b in rng.choice(16, 3, replace=False))]:
+            src = s.component(root.components[name])
+            params = jax.tree.map(
+                lambda a: (a + 1e-3 * rng.standard_normal(a.shape)).astype(a.dtype), src.params
+            )
+            if name == "head":  # a 10-class task, not ImageNet's 1,000
+                params = jax.tree.map(lambda a: np.ascontiguousarray(a[..., :10]), params)
+            c = s.new_component(name, family.name, params, agent, lineage=src.id)
+            comps[name] = c.id
+        s.publish(
+            Path(
+                s.new_id(agent, "p"),
+                task,
+                family.name,
+                comps,
+                {**hp, "num_classes": 10},
+                agent,
+                parent=root.id,
+                metrics={"quality": 0.5},
+            )
+        )
+        store.commit(s, agent)
+    build_s = time.time() - t0
+    runs = []
+    for _ in range(2):
+        report = verify_store(Store.open(url))
+        if not report.ok:
+            raise RuntimeError([f.line() for f in report.faults[:5]])
+        runs.append(report)
+    body = {
+        "tasks": runs[-1].tasks,
+        "shards": runs[-1].shards,
+        "components": runs[-1].components,
+        "files": runs[-1].files,
+        "bytes": runs[-1].bytes,
+        "seconds": [r.seconds for r in runs],
+        "build_seconds": build_s,
+        "load_average": os.getloadavg(),
+    }
+    print(
+        f"verify, healthy {n_tasks}-task store: {runs[-1].summary()} (runs: "
+        f"{', '.join(f'{r.seconds:.2f} s' for r in runs)})"
+    )
+    _write_json(out, body)
+    shutil.rmtree(url, ignore_errors=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1249,7 +1339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "campaign in parts",
     )
     p.add_argument("--budget_s", type=float, default=None, help="start no chain after this")
+    p.add_argument(
+        "--verify_tasks",
+        type=int,
+        default=0,
+        help="instead of kills: time `mu2net verify` on a healthy store of N tasks",
+    )
     args = p.parse_args(argv)
+    if args.verify_tasks:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="mu2net-verify-")
+        out = args.out.replace("faults.json", "faults_verify.json")
+        return verify_benchmark(args.verify_tasks, workdir, out)
     if args.fuzz:
         return fuzz(args.fuzz, args.seed, args.out.replace("faults.json", "faults_fuzz.json"))
     if args.spawn == "fork":
