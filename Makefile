@@ -31,7 +31,7 @@ lint: venv
 	cd build/lint && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --no-cache ../../pyproject.toml
 
 test: venv lint
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 format: venv
 	$(VENV)/bin/ruff format .

@@ -6,8 +6,8 @@ every agent in its own agent class so all runs do the same work):
 * ``ray_cold_s``: wall time of ``mu2net launch``'s library call with N agents on a fresh
   local Ray (workers start and import mu2net: the launcher's cost per agent start);
 * ``ray_warm_s``: the same N agents again on a fresh store (Ray reuses the workers);
-* ``one_process_s``: the same N agents one after another in this process (after one warm-up
-  agent, so compile caches are as warm as the reused workers');
+* ``one_process_s``: the same N agents one after another in this process (after a warm-up
+  run of each, so compile caches are as warm as the reused workers');
 * ``start_latency_s``: per agent, submission to the worker's first report (cold and warm);
 * ``overhead_per_iteration_s``: (agent's wall in the launcher - its ``run_agent`` time in the
   worker) / iterations, warm: what Ray and the launcher add around the work;
@@ -77,15 +77,15 @@ def ray_run(n: int, cycles: int, tmp: str, tag: str) -> dict:
 
 
 def one_process(n: int, cycles: int, tmp: str) -> float:
-    """The same N agents one after another in this process (after a warm-up agent)."""
+    """The same N agents one after another in this process (after warming every one up)."""
     from mu2net.evolution.agents import run_agent
     from mu2net.evolution.launch import import_modules, plan
 
     import_modules(["launch_toy"])
     quiet = dict(log=lambda s: None, validate_tasks=False)
     warm_url = os.path.join(tmp, "store-warm")
-    warm = plan(specs(1), options(warm_url, 1, tmp))[0]
-    run_agent(warm_url, warm.agent, 1, **quiet)
+    for p in plan(specs(n), options(warm_url, 1, tmp)):  # compile caches as warm as the workers'
+        run_agent(warm_url, p.agent, 1, **quiet)
     url = os.path.join(tmp, "store-seq")
     planned = plan(specs(n), options(url, cycles, tmp))
     t0 = time.time()

@@ -221,13 +221,28 @@ class Gateway:
         self._tasks: dict[str, dict[str, Any]] = {}
         self._loaded_at = -1e9
         self._lock = asyncio.Lock()
+        self._refresh: asyncio.Future | None = None
 
-    async def _task_list(self, max_age: float) -> dict[str, dict[str, Any]]:
+    async def _reload(self, max_age: float) -> dict[str, dict[str, Any]]:
         async with self._lock:
             if time.monotonic() - self._loaded_at > max_age:
                 self._tasks = await asyncio.to_thread(_describe_tasks, self.store)
                 self._loaded_at = time.monotonic()
             return self._tasks
+
+    async def _task_list(self, max_age: float, wait: bool = False) -> dict[str, dict[str, Any]]:
+        """The task listing, at most ``max_age`` old when ``wait`` (or on the first call).
+
+        Otherwise a stale listing is returned at once and reloaded in the background: the
+        reload reads every shard's manifest, which must not stall the requests waiting on it.
+        """
+        if time.monotonic() - self._loaded_at <= max_age:
+            return self._tasks
+        if wait or self._loaded_at < 0:
+            return await self._reload(max_age)
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._reload(max_age))
+        return self._tasks
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -237,7 +252,7 @@ class Gateway:
     @api.get("/v1/tasks")
     async def tasks(self) -> dict[str, Any]:
         """Tasks with a published path: path id, family, quality, params."""
-        tasks = await self._task_list(self.config.refresh_s)
+        tasks = await self._task_list(self.config.refresh_s, wait=True)
         return {"tasks": list(tasks.values())}
 
     @api.get("/v1/stats")
@@ -257,7 +272,7 @@ class Gateway:
             return _json(_error(PayloadTooLarge(f"body of {len(body)} bytes; limit {limit}")))
         tasks = await self._task_list(self.config.refresh_s)
         if task not in tasks:
-            tasks = await self._task_list(0.5)  # a task added since the last listing
+            tasks = await self._task_list(0.5, wait=True)  # a task added since the listing
         if task not in tasks:
             known = sorted(tasks)
             msg = f"task {task!r} has no published path in {self.config.store}; known: {known}"
