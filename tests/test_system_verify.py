@@ -113,6 +113,21 @@ def test_path_of_a_task_no_shard_lists(store_url):
         Store.open(url).load()
 
 
+def test_path_whose_family_is_not_its_components(store_url):
+    """A re-signed manifest whose path names another (valid-looking) family: found by the long
+    fuzz run loading silently; now load refuses and verify names the manifest and task."""
+    url, _ = store_url
+    store = Store.open(url)
+    body = store.latest_manifest(A)
+    body["seq"] = 1
+    body["paths"][0]["family"] = FAMILY + ".."
+    store.put_bytes(store.manifest_path(A, 1), store.document(body))
+    fault = _only(verify_store(Store.open(url)), "dangling")
+    assert fault.file == store.manifest_path(A, 1) and fault.tasks == ["t:a"]
+    with pytest.raises(StoreError, match="manifest-00000001.*inconsistent.*not of family"):
+        Store.open(url).load()
+
+
 def test_stale_index_is_found_and_repaired_without_touching_params(store_url):
     url, s = store_url
     new = _new_best(s, "t:a", seed=7, quality=0.97)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,7 @@ from mu2net.system import documents, layout, lease, records, task_index
 from mu2net.system.documents import StoreConflict, StoreError
 from mu2net.system.layout import FORMAT, MARKER, VERSION
 from mu2net.system.names import validate_agent_name, validate_task_name
-from mu2net.system.state import Component, System
+from mu2net.system.state import Component, StateError, System
 
 __all__ = [
     "FORMAT",
@@ -358,6 +359,7 @@ class Store:
                     f"in the live mixture (a manifest lost its task entry){why}"
                 )
         system.recompute_locks()
+        _check_consistent(system, sources)
         if not lazy:
             for c in system.components.values():
                 c.params  # noqa: B018  (forces the read and checksum verification)
@@ -372,6 +374,8 @@ class Store:
         no published path.
         """
         system = task_index.load_task(self, task, on_corrupt=on_corrupt)
+        where = task_index.find_index(self, task) or self.path_of(layout.SHARDS)
+        _check_consistent(system, {p: where for p in system.paths})
         if not lazy:
             system.params_of(system.best_path(task))  # forces the reads and checksum checks
         return system
@@ -572,6 +576,34 @@ def check_component_data(
     if signature is not None and shape_signature(params) != signature:
         raise StoreError(f"{file}: params of {what} have other shapes/dtypes than its record")
     return params, mom
+
+
+def _check_consistent(system: System, sources: Mapping[str, str]) -> None:
+    """Raises :class:`StoreError` naming the files whose paths make ``system`` inconsistent.
+
+    Each document verifies on its own, but together they may not agree (a path whose family is
+    not its components', a head shared by two tasks): only a writer bug makes such a state,
+    and loading it would silently change what a task runs (the fuzzer found one).
+    """
+    try:
+        system.validate()
+    except StateError as e:
+        msg = str(e)
+
+        def named(ids) -> set[str]:
+            return {src for pid, src in sources.items() if any(_mentions(msg, i) for i in ids(pid))}
+
+        culprits = sorted(
+            named(lambda pid: [pid])  # the path the message names
+            or named(lambda pid: system.paths[pid].components.values())  # e.g. a shared head
+            or set(sources.values())
+        )
+        raise StoreError(f"{', '.join(culprits)}: inconsistent committed state: {msg}") from None
+
+
+def _mentions(text: str, ident: str) -> bool:
+    """Whether ``text`` names the id ``ident`` (not merely a longer id it prefixes)."""
+    return re.search(re.escape(ident) + r"(?![0-9])", text) is not None
 
 
 def _records(system: System) -> dict[str, dict[str, Any]]:

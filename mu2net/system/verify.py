@@ -149,6 +149,24 @@ class _Scrub:
                             [pd["task"]],
                         )
 
+    def consistency(self) -> None:
+        """Documents that verify one by one but disagree (a writer bug): what load refuses."""
+        if self.report.faults:
+            return  # the merged load would stop at the broken file reported already
+        try:
+            self.store.load()
+        except StoreError as e:
+            files, sep, detail = str(e).partition(": inconsistent committed state: ")
+            if not sep:  # any other refusal of the merged load: still a fault, never a crash
+                file, _, detail = str(e).partition(": ")
+                self.fault(file, "unreadable", detail, [])
+                return
+            by_file = {self.store.manifest_path(a, b["seq"]): b for a, b in self.bodies.items()}
+            for file in files.split(", "):
+                paths = by_file.get(file, {}).get("paths", [])
+                tasks = [pd["task"] for pd in paths if not pd["is_root"] and pd["id"] in detail]
+                self.fault(file, "dangling", f"inconsistent with the other files: {detail}", tasks)
+
     def components(self) -> None:
         for agent, body in self.bodies.items():
             for cid, rec in body["components"].items():
@@ -274,6 +292,7 @@ def verify_store(store: Store, repair: bool = False) -> Report:
         return scrub.report
     scrub.manifests()
     scrub.references()
+    scrub.consistency()
     scrub.components()
     scrub.histories()
     todo = _check_indexes(scrub)
