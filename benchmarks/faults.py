@@ -1,35 +1,41 @@
 """Crash-safety benchmark: SIGKILL ``mu2net evolve`` at random instants, restart, check the store.
 
-Runs ``python -m mu2net.cli evolve --gin_file=tests/data/tiny_vit.gin`` as a subprocess on the
-small bundled tasks and kills it with SIGKILL, then restarts it, over and over, in *chains*: a
-chain starts from an empty store and ends with an uninterrupted run that must complete. Two kinds
-of kill are mixed:
+Runs ``mu2net evolve --gin_file=tests/data/tiny_vit.gin`` on the small bundled tasks and kills it
+with SIGKILL, then restarts it, over and over, in *chains*: a chain starts from an empty store and
+ends with an uninterrupted run that must complete. Kinds of kill:
 
-* ``timed``: the parent kills the process a random delay after its n-th committed task iteration
-  (the ``[task] iteration i`` log line), so kills land anywhere in the following generations,
-  test evaluations and commits;
-* ``write``: the process kills itself at the k-th store write of this run (before it, after the
-  temp file is written but before the atomic publish, or right after the publish), i.e. in the
-  middle of a commit, between params files and the manifest. Such a process is started by this
-  file (``--fault-child``), which installs the hook and then calls the same ``main``.
+* ``timed``: the parent kills the process a random delay after its n-th committed task
+  iteration (the ``[task] iteration i`` log line), so kills land anywhere in the following
+  generations, test evaluations and commits;
+* ``gen``: the process kills itself at the k-th write of its first per-generation commit (the
+  commit after an improving generation: params, history, manifest, task index, marker), before
+  the write, after its temp file but before the atomic publish, or right after the publish;
+* ``write``: the same at the k-th store write of the run (any commit);
+* ``lease``: the same at the k-th lease renewal (the restart waits out the dead lease);
+* ``serve``: a serving reader (a ``PredictorPool`` process following the store) is SIGKILLed at
+  a random file read of a reload (:class:`ServeCheck`); a new reader takes over.
 
-After every kill: the store opens, every checksum verifies (``Store.verify``), the merged system
-validates, and no published path changed: each path published before the kill still exists with
-the same components, hparams and bit-identical params, and the same record, unless its task
-committed a task iteration since (then only that task's path may be replaced or its metadata
-updated); components never change; the live mixture and task iterations never go backwards.
-Each chain's final run must complete; its final system is also compared with an uninterrupted
-reference run of the same configuration (same seed, so resuming from the last commit should give
-the same system).
+Hooked kinds run through this file (``--fault-child``), which installs the hook and then calls
+the same ``main``. After every kill: the store opens, every checksum verifies (``Store.verify``),
+the merged system validates, and no published path changed: each path published before the kill
+still exists with the same components, hparams and bit-identical params, and the same record,
+unless its task committed a generation or iteration since; components never change; no committed
+manifest or generation is lost, none is committed twice (a restart resumes after the last
+committed generation); the serving reader answers every task from its published path, like a
+fresh ``mu2net.serve.load``, and a path's predictions never change. Each chain's final system is
+compared with an uninterrupted reference run (same seed): same paths, params and predictions.
 
-By default each run is a fork of this process, which imported everything once, running the same
-``mu2net evolve`` main: on a busy 2-core CPU the ~25 s of imports per run would dominate.
-``--spawn=subprocess`` runs ``python -m mu2net.cli evolve`` each time, as the CI test
-(tests/test_reliability_crash.py) does. Prints a table and writes ``benchmarks/faults.json``.
+By default each run is a fork of this process, which imported everything once: on a busy 2-core
+CPU the ~25 s of imports per run would dominate. ``--spawn=subprocess`` runs ``python -m
+mu2net.cli evolve`` each time, as the CI test (tests/test_reliability_crash.py) does. Prints a
+table and writes ``benchmarks/faults.json``; ``--resume`` checkpoints it after every chain and
+continues from it, so a long campaign runs in parts (``--budget_s``).
 
-Usage: ``python benchmarks/faults.py [--kills 24] [--seed 0] [--spawn fork|subprocess]``.
+Usage: ``python benchmarks/faults.py [--kills 40] [--seed 0] [--resume --budget_s 200]``.
 ``--fuzz N`` runs N fuzzed-store-file cases instead (the mutations and oracle of
-``tests/test_system_fuzz.py``) and reports cases tried and violations (``faults_fuzz.json``).
+``tests/test_system_fuzz.py``) and reports cases tried and violations (``faults_fuzz.json``,
+parts with other seeds accumulate). ``--verify_tasks N`` times ``mu2net verify`` on a healthy
+N-task store of real sizes (``faults_verify.json``).
 """
 
 from __future__ import annotations
@@ -1314,7 +1320,7 @@ def verify_benchmark(n_tasks: int, workdir: str, out: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark and writes ``benchmarks/faults.json``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kills", type=int, default=24, help="kills to deliver (>= 20)")
+    p.add_argument("--kills", type=int, default=40, help="evolve kills to deliver")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="", help="where the stores go (default: a temp dir)")
     p.add_argument("--out", default=OUT)
