@@ -58,6 +58,8 @@ class EvolutionConfig:
       poll_seconds: continuous mode: wait between checks when there is nothing to do.
       strict_improvement: ``>`` (muNet/µ4Net) instead of ``>=`` (µ2Net) against the parent.
       max_population: cap on a task's population during an iteration (0 = none).
+      prune_by_decay: µ4Net2's pruning: keep the best, then survivors drawn by the decay
+        rule (by score, accepted with probability 0.5^offspring) up to ``max_population``.
       linear_probe_seeding: muNet's policy: every seed is first tried unmutated.
       test_eval: evaluate new best paths on the test split.
       prefix_cache: reuse the activations of frozen bottom stages within a generation when
@@ -99,6 +101,7 @@ class EvolutionConfig:
     poll_seconds: float = 5.0
     strict_improvement: bool = False
     max_population: int = 0
+    prune_by_decay: bool = False
     linear_probe_seeding: bool = False
     test_eval: bool = True
     prefix_cache: bool = True

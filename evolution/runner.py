@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -84,9 +85,10 @@ class TaskIterationRunner:
         history: list[dict[str, Any]] = []
         uncommitted: list[dict[str, Any]] = []
         total = self.strategy.generations(self.config)
+        # A bar on a terminal; in a log file one line per candidate instead (no \r redraws).
         bar = tqdm(
             total=None if budget.active else total, initial=start, desc=f"{task} it{iteration}",
-            unit="gen", disable=not self.progress, leave=False,
+            unit="gen", disable=not (self.progress and sys.stderr.isatty()), leave=False,
         )  # fmt: skip
         for g in range(start, total):
             wanted = spending.fit(budget, self.strategy.candidates(self.config, g))
@@ -177,12 +179,14 @@ class TaskIterationRunner:
                 record["flops"]["prefix"] = data.prefix.flops
             records.append(record)
             self.scalar(ctx.task, "candidate_quality", float(record["quality"] or 0.0))
+            if self.progress and not sys.stderr.isatty():
+                self.log(_candidate_line(record, len(records), len(proposals)))
             if path is not None:
                 improved.append(path)
         # Improved children join the population only after the whole generation (§4.6).
         ctx.population.extend(improved)
         ctx.lineage.candidates.update({p.id: p for p in improved})
-        self._prune(ctx)
+        self.prune(ctx, rng)
         best = self.best(ctx)
         self.scalar(ctx.task, "best_score_per_generation", ctx.score(best) if best else 0.0)
         return records, best is not None and best is not best_before
@@ -194,15 +198,31 @@ class TaskIterationRunner:
             return None
         return max(ctx.population, key=lambda p: (ctx.score(p), p.metrics.get("created", 0.0)))
 
-    def _prune(self, ctx: IterationContext) -> None:
+    def prune(self, ctx: IterationContext, rng: np.random.Generator) -> None:
+        """Caps the population at ``max_population`` (a no-op below it).
+
+        Keeps the top paths by score, or with ``prune_by_decay`` (µ4Net2) the best, then
+        survivors drawn by the decay rule.
+        """
         cap = ctx.config.max_population
-        if cap and len(ctx.population) > cap:
-            ranked = sorted(
-                ctx.population,
-                key=lambda p: (ctx.score(p), p.metrics.get("created", 0.0)),
-                reverse=True,
-            )
+        if not cap or len(ctx.population) <= cap:
+            return
+        ranked = sorted(
+            ctx.population,
+            key=lambda p: (ctx.score(p), p.metrics.get("created", 0.0)),
+            reverse=True,
+        )
+        if not ctx.config.prune_by_decay:
             ctx.population[:] = ranked[:cap]
+            return
+        kept, rest = ranked[:1], ranked[1:]
+        while len(kept) < cap:
+            # Accepted with probability 0.5^offspring, by score; the best remaining if none.
+            drawn = (p for p in rest if rng.random() < 0.5 ** ctx.offspring.get(p.id, 0))
+            pick = next(drawn, rest[0])
+            kept.append(pick)
+            rest.remove(pick)
+        ctx.population[:] = kept
 
     def _revalidate(self, ctx: IterationContext) -> None:
         """Re-measures the published path when it was validated under other settings."""
@@ -214,7 +234,9 @@ class TaskIterationRunner:
 
         ds = {k: v for k, v in best.hparams.items() if k.startswith("ds_")}
         val = candidate.validation_data(ctx, ds)
-        quality, preds = evaluate(ctx.family, best.hparams, ctx.system.params_of(best), val)
+        # The path's own family: a composite (multipath) path is not of the agent's family.
+        family = get_family(best.family)
+        quality, preds = evaluate(family, best.hparams, ctx.system.params_of(best), val)
         name, metric = candidate.quality_metric(ctx)
         if metric is not None:
             targets = np.concatenate([np.asarray(b["targets"]).reshape(-1) for b in val])
@@ -232,7 +254,7 @@ class TaskIterationRunner:
         if progress.get("iteration") == ctx.iteration:
             spent = Spending.from_json(progress.get("spent"))
             return int(progress["generation"]) + 1, spent
-        return 0, Spending()
+        return 0, Spending(start_best=best.id if best else None)
 
     def _publish(self, ctx: IterationContext, best: Path, keep: set[str]) -> None:
         """Publishes ``best``; drops unpublished components except ``keep``."""
@@ -264,8 +286,7 @@ class TaskIterationRunner:
     def _finish(
         self, ctx: IterationContext, history: list, t0: float, spending: Spending
     ) -> IterationResult:
-        system, cfg = ctx.system, ctx.config
-        old = system.best_path(ctx.task)
+        cfg = ctx.config
         best = self.best(ctx)
         if best is None:
             raise candidate.IterationFailed(
@@ -274,7 +295,8 @@ class TaskIterationRunner:
             )
         best.metrics.pop(PROGRESS_KEY, None)
         best.metrics["task_iterations"] = ctx.iteration + 1
-        new_best = old is None or best.id != old.id or "test_quality" not in best.metrics
+        improved = best.id != spending.start_best
+        new_best = improved or "test_quality" not in best.metrics
         if self.strategy.publishes:
             self._publish(ctx, best, set())
         if cfg.test_eval and self.strategy.publishes and new_best:
@@ -286,7 +308,7 @@ class TaskIterationRunner:
             "iteration": ctx.iteration,
             "strategy": self.strategy.name,
             "best": best.id,
-            "new_best": old is None or best.id != old.id,
+            "new_best": improved,
             "quality": best.metrics.get("quality"),
             "test_quality": best.metrics.get("test_quality"),
             "accounted_params": best.metrics.get("accounted_params"),
@@ -316,6 +338,17 @@ def compute_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "train_seconds": seconds.get("total_s", 0.0),
         "seconds_by_phase": {k: v for k, v in seconds.items() if k != "total_s"},
     }
+
+
+def _candidate_line(record: dict[str, Any], k: int, n: int) -> str:
+    quality = record["quality"]
+    state = "failed" if record["failed"] else "improved" if record["improved"] else "discarded"
+    return (
+        f"[{record['task']}] it{record['iteration']} gen{record['generation']} candidate "
+        f"{k}/{n}: quality {quality if quality is None else f'{quality:.4f}'} ({state}), "
+        f"{sum(record['flops'].values()) / 1e12:.2f} TFLOPs, "
+        f"{record['timings'].get('total_s', 0.0):.0f}s"
+    )
 
 
 def _summary_line(result: IterationResult) -> str:

@@ -23,7 +23,7 @@ from mu2net.evolution.multipath import MultipathStrategy, main_path
 from mu2net.evolution.report import subpath_edges, write_report
 from mu2net.evolution.roots import class_root
 from mu2net.evolution.runner import PROGRESS_KEY, TaskIterationRunner
-from mu2net.evolution.strategy import register_strategy
+from mu2net.evolution.strategy import IterationContext, register_strategy
 from mu2net.models import get_family
 from mu2net.models.multipath import (
     MAIN_SLOT,
@@ -298,10 +298,32 @@ def test_killed_multipath_iteration_resumes(tmp_path):
         Evolver(store, killed, progress=False, log=lambda s: None, tasks=[B]).run()
     kept = store.load().best_path(B)
     assert kept.is_composite and kept.metrics[PROGRESS_KEY]["generation"] == 0
-    mcfg = dataclasses.replace(cfg, strategy="multipath")
-    Evolver(store, mcfg, progress=False, log=lambda s: None, tasks=[B]).run()
+    # Resumed with other validation settings: the composite best is re-validated first.
+    mcfg = dataclasses.replace(cfg, strategy="multipath", validation_examples=48)
+    lines = []
+    Evolver(store, mcfg, progress=False, log=lines.append, tasks=[B]).run()
+    assert any("re-validated" in line and kept.id in line for line in lines)
     done = store.load().best_path(B)
     assert done.is_composite and done.metrics["task_iterations"] == 1
     gens = [h["generation"] for h in store.history() if h.get("task") == B and "parent" in h]
     assert sorted(gens) == [0, 0, 1, 1]  # generation 0 was not trained again
     assert main_path(store.load(), B).id == kept.subpaths[0].path
+
+
+@pytest.mark.parametrize("by_decay", [False, True])
+def test_prune_keeps_best_then_decay_survivors(by_decay):
+    cfg = _config(max_population=2, prune_by_decay=by_decay)
+    paths = [
+        Path(f"x/p{i}", B, "vit", {}, {}, "x", metrics={"quality": 1.0 - 0.1 * i}) for i in range(5)
+    ]
+    # Every path but the worst already has many children: the decay rule passes over them.
+    offspring = {p.id: 10 for p in paths[:-1]}
+    ctx = IterationContext(
+        task=B, iteration=0, agent="x", info=None, system=None, family=None, config=cfg,
+        space={}, defaults={}, root=None, population=list(paths), seeds=[],
+        offspring=offspring, lineage=None, score=lambda p, q=None: p.metrics["quality"],
+    )  # fmt: skip
+    runner = TaskIterationRunner(cfg, MultipathStrategy(), log=lambda s: None)
+    runner.prune(ctx, np.random.default_rng(0))
+    want = ["x/p0", "x/p4"] if by_decay else ["x/p0", "x/p1"]
+    assert [p.id for p in ctx.population] == want
