@@ -219,10 +219,10 @@ class MultipathStrategy(Strategy):
         return hp, changes
 
     def _slots(self, parent: Path | None, n: int, rng: np.random.Generator) -> list[Path]:
-        kept = [parent.subpath(slot_name(i)) for i in range(1, min(n, len(parent.subpaths)))] if (
-            parent is not None
-        ) else []  # fmt: skip
-        chosen = [self.main, *kept]
+        """path_0, then the parent's sub-paths slot by slot, then fresh draws from the pool."""
+        chosen = [self.main]
+        if parent is not None and parent.is_composite:
+            chosen += [parent.subpath(slot_name(i)) for i in range(1, min(n, len(parent.subpaths)))]
         while len(chosen) < n:
             free = [p for p in self.pool if p.id not in {c.id for c in chosen}]
             chosen.append(free[int(rng.integers(len(free)))])
