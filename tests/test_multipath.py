@@ -16,6 +16,7 @@ import pytest
 from test_evolution_system import tiny_config
 
 from mu2net.evolution import data as evo_data
+from mu2net.evolution.config import ConfigError
 from mu2net.evolution.live import add_tasks_to_store
 from mu2net.evolution.loop import Evolver
 from mu2net.evolution.main import open_or_create
@@ -23,6 +24,7 @@ from mu2net.evolution.multipath import MultipathStrategy, main_path
 from mu2net.evolution.report import subpath_edges, write_report
 from mu2net.evolution.roots import class_root
 from mu2net.evolution.runner import PROGRESS_KEY, TaskIterationRunner
+from mu2net.evolution.search import Mu2NetStrategy
 from mu2net.evolution.strategy import IterationContext, register_strategy
 from mu2net.models import get_family
 from mu2net.models.multipath import (
@@ -261,6 +263,14 @@ def test_bad_inputs_error_and_commit_nothing(evolved, tmp_path):
     # num_paths larger than the paths available (one other task).
     three = dataclasses.replace(mcfg, defaults={**mcfg.defaults, "num_paths": 3})
     _errors_leave_store_unchanged(copy, three, A, r"num_paths=3 needs 2 .* there are 1")
+
+
+def test_single_path_agent_refuses_a_multipath_task(evolved):
+    url, cfg = evolved[0], evolved[1]
+    system = Store.open(url).load()
+    runner = TaskIterationRunner(cfg, Mu2NetStrategy(), commit=None, log=lambda s: None)
+    with pytest.raises(ConfigError, match="agent class 'multipath:vit'"):
+        runner.run(system, B, 1, agent_for_task(B))
 
 
 def test_incompatible_modality_is_refused():
