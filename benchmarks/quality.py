@@ -1,4 +1,4 @@
-"""Quality benchmark: the evolved system vs baselines at the same per-task budget.
+"""Quality benchmark: the evolved system vs baselines at equal compute per task.
 
 From one pretrained root (EfficientNet-Lite0 at 64 px, ``gin/experiments/default.gin``; or
 MiniLM-L6 with ``--text``) on the bundled real tasks, per seed:
@@ -10,17 +10,28 @@ MiniLM-L6 with ``--text``) on the bundled real tasks, per seed:
 * ``alone`` (transfer check): the last task (``--transfer_tasks all``: every task after the
   first) evolved in a fresh system holding only the root, same config and seed; ``evolved``
   minus ``alone`` is what the earlier tasks' paths contributed.
-* baselines through :func:`mu2net.evolution.baselines.run_baseline` (same trainer; the
-  reference's budget of V x cycles x generations validation intervals): ``finetune_all``,
-  ``freeze_bottom_K``, ``adapters_D``, ``linear_probe``.
-* ``scratch_vit``: a random-init small ViT (``vit`` family) fully trained with the fine-tune
-  budget, i.e. what an independent per-task model gets.
+* baselines through :func:`mu2net.evolution.baselines.run_baseline` (same trainer). A kind
+  ending in ``@flops`` gets exactly the training + validation FLOPs the evolved task iteration
+  of the same seed spent on that task (XLA counts), ``@seconds`` its wall seconds; a kind
+  without a variant gets the reference's budget (V x cycles x generations validation
+  intervals, labelled "reference accounting"). Defaults: ``finetune_all``,
+  ``finetune_all_lr_grid`` (3 learning rates sharing the budget, best on validation),
+  ``freeze_bottom_12``, ``adapters_16``, ``linear_probe``, all ``@flops``; ``finetune_all``
+  ``@seconds``; ``finetune_all`` at the reference's accounting.
+* ``scratch_vit_flops``: a random-init small ViT (``vit`` family) fully trained with the
+  evolved run's FLOPs, i.e. what an independent per-task model gets.
+
+Suites: ``--suite images4`` (the four bundled tasks), ``--suite images8`` (plus Fashion-MNIST,
+OpenCV digits and two derived tasks; ``make suite-data`` first), ``--text``. ``--revisit`` adds a
+second task iteration of every task after the last addition (µ2Net+), with immunity checks.
 
 Printed: one table (test accuracy mean±std over seeds per task, average, accounted params per
-task, params added to the system over the root, training examples per task, wall time).
-Written: ``benchmarks/quality.json`` (``--text``: ``quality_text.json``) shaped
-``{method: {task: {"mean", "std", "runs"}, ...}, ..., "_meta": {...}}``; ``evolution/demo.py``
-reads ``["finetune_all"][task]["mean"]``.
+task, params added to the system over the root, training examples, TFLOPs and wall seconds
+per task). Written: ``benchmarks/quality.json`` (``--text``: ``quality_text.json``) shaped
+``{method: {task: {"mean", "std", "runs"}, ...}, ..., "_meta": {...}}``. Long runs are split
+into parts that checkpoint (``--parts``, ``--checkpoint``, ``--seed_offset``; the baselines of a
+separate process take their budgets from the evolved part's JSON with ``--budgets_from``),
+then merged with ``--merge``.
 
 Usage::
 

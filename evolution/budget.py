@@ -58,18 +58,22 @@ class Spending:
     flops: float = 0.0
     seconds: float = 0.0
     candidates: int = 0
+    start_best: str | None = None  # the task's best path when the iteration started
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> Spending:
         """Inverse of :meth:`to_json` (empty for a fresh iteration)."""
         d = d or {}
         return cls(
-            float(d.get("flops", 0.0)), float(d.get("seconds", 0.0)), int(d.get("candidates", 0))
+            float(d.get("flops", 0.0)),
+            float(d.get("seconds", 0.0)),
+            int(d.get("candidates", 0)),
+            d.get("start_best"),
         )
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, Any]:
         """JSON-safe form."""
-        return {"flops": self.flops, "seconds": self.seconds, "candidates": self.candidates}
+        return dataclasses.asdict(self)
 
     def add(self, records: Iterable[Mapping[str, Any]], seconds: float) -> None:
         """Adds a generation's candidate records and its wall time."""

@@ -33,6 +33,8 @@ def counted(tmp_path_factory):
 
 def test_summary_accounts_flops_and_seconds_by_kind(counted):
     assert counted["candidates"] == 2
+    # Published per generation, yet a new best against where the iteration started.
+    assert counted["new_best"]
     kinds = counted["flops_by_kind"]
     assert kinds["train"] > 0 and kinds["eval"] > 0
     assert counted["flops"] == pytest.approx(sum(kinds.values()))

@@ -60,3 +60,27 @@ def test_t5x_trainer_trains_a_path():
     assert int(trainer.train_state.step) == 41
     assert last["loss"] < 0.5 * first["loss"], (first, last)
     assert last["accuracy"] > first["accuracy"], (first, last)
+
+
+def test_t5x_binary_trains_with_a_relative_model_dir(tmp_path):
+    """``python -m t5x.train`` as a t5x user runs it: the README's command, relative MODEL_DIR."""
+    import os
+    import subprocess
+    import sys
+
+    from mu2net.gin_utils import package_gin_dir
+
+    cmd = [
+        sys.executable, "-m", "t5x.train", f"--gin_search_paths={package_gin_dir()}",
+        "--gin_file=t5x/path_model.gin", "--gin_file=t5x/pretrain_path.gin",
+        "--gin.MIXTURE_OR_TASK_NAME='mu2net:digits'", "--gin.MIXTURE_OR_TASK_MODULE='mu2net.tasks'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 1, 'targets': 1}", "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=8", "--gin.USE_CACHED_TASKS=False", "--gin.MODEL_DIR='runs/t5x'",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model_dir = tmp_path / "runs" / "t5x"
+    assert (model_dir / "checkpoint_0").is_dir() and (model_dir / "checkpoint_2").is_dir()
+    assert not list(model_dir.glob("*orbax-checkpoint-tmp*"))
+    assert list((model_dir / "training_eval").rglob("events.out.tfevents.*"))  # the train eval ran

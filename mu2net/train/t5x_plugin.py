@@ -104,3 +104,15 @@ def _replicated_axes(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[f"{key}_axes"] = flax_partitioning.AxisMetadata(names=(None,) * jnp.ndim(value))
     return out
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute against the working directory (t5x's MODEL_DIR).
+
+    orbax-checkpoint refuses a relative checkpoint path at the first save, while t5x users
+    pass ``--gin.MODEL_DIR="'runs/x'"``; ``gin/t5x/pretrain_path.gin`` routes MODEL_DIR
+    through this.
+    """
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
