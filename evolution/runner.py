@@ -277,6 +277,9 @@ class TaskIterationRunner:
         best.metrics[PROGRESS_KEY] = {
             "iteration": ctx.iteration, "generation": g, "spent": spending.to_json(),
         }  # fmt: skip
+        # A child published mid-iteration still counts the iterations done before this one:
+        # a restart reading none would redo them (found by benchmarks/faults.py).
+        best.metrics["task_iterations"] = ctx.iteration
         # The population keeps training: its unpublished components stay.
         self._publish(ctx, best, self._population_components(ctx))
         self.commit(ctx.system, ctx.agent, records, f"{ctx.task} it{ctx.iteration} gen{g}")
