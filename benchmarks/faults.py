@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -697,9 +697,28 @@ class ServeCheck:
         self.url, self.spawn, self.rng, self.log_path = url, spawn, rng, log_path
         self.kill_fraction = kill_fraction
         self.reader: ServingReader | None = None
-        self.seen: dict[str, str] = {}  # path id -> predictions digest
-        self.kills: list[dict[str, Any]] = []
-        self.reloads = 0
+        self.saved: dict[str, Any] = {"seen": {}, "kills": [], "reloads": 0}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Keeps this check's record in ``saved`` (a chain's checkpoint), continuing it."""
+        for k, v in self.saved.items():
+            saved.setdefault(k, v)
+        self.saved = saved
+
+    @property
+    def seen(self) -> dict[str, str]:
+        """Predictions digest by path id, of every answer so far."""
+        return self.saved["seen"]
+
+    @property
+    def kills(self) -> list[dict[str, Any]]:
+        """The serving kills delivered and what was checked after each."""
+        return self.saved["kills"]
+
+    @property
+    def reloads(self) -> int:
+        """Reloads checked so far."""
+        return self.saved["reloads"]
 
     def check(self, obs: Mapping[str, Any], chain: int = 0) -> tuple[list[str], dict]:
         """One reload (maybe killed) after ``obs`` was observed; returns violations, answers."""
@@ -732,7 +751,7 @@ class ServeCheck:
         return self._judge(answers, obs), answers
 
     def _judge(self, answers: Mapping[str, Any], obs: Mapping[str, Any]) -> list[str]:
-        self.reloads += 1
+        self.saved["reloads"] += 1
         bad = []
         for task in sorted(set(obs["best"]) - set(answers)):
             bad.append(f"serving: published task {task} not answered")
@@ -799,6 +818,9 @@ def run_chain(
     spawn: str = "subprocess",
     log=print,
     serve: ServeCheck | None = None,
+    progress: dict[str, Any] | None = None,
+    deadline: float | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> tuple[list[KillResult], dict[str, Any]]:
     """Runs evolve on ``url``, killing it per ``specs`` and restarting, then lets it finish.
 
@@ -807,14 +829,47 @@ def run_chain(
     restarted with the next spec). With ``serve``, a serving reader reloads after every kill
     and at the end (:class:`ServeCheck`). Returns the kill results and the final run's report
     (``completed``, ``final`` observation, the reader's last ``answers``).
+
+    ``progress`` (a JSON-able dict) holds the chain's state after every kill (``on_progress``
+    is then called, e.g. to checkpoint it); a chain paused at ``deadline`` (the report says
+    ``paused``) continues from it in a later call.
     """
     args = evolve_args(url, tasks, agent=agent, num_cycles=num_cycles)
-    results: list[KillResult] = []
-    prev: dict[str, Any] | None = None
-    seen_digests: dict[str, str] = {}
-    queue = list(specs)
+    progress = {} if progress is None else progress
+    if "queue" not in progress:
+        progress.update(
+            queue=[dataclasses.asdict(sp) for sp in specs], prev=None, seen={}, results=[]
+        )
+        progress["running"] = False
+    results = [KillResult(**r) for r in progress["results"]]
+    prev, seen_digests = progress["prev"], progress["seen"]
+    queue = [KillSpec(**d) for d in progress["queue"]]
+    if serve is not None:
+        serve.restore(progress.setdefault("serve", {}))
+    if progress["running"] and prev is not None:
+        # The last part was stopped inside a run (not one of our kills): check what it left.
+        obs = observe(url)
+        bad = check_transition(prev, obs, allowed_metrics) + _immutability(seen_digests, obs)
+        if bad:
+            results.append(KillResult(chain, "interrupted: part stopped", "", 0.0, 0, bad, {}))
+        prev = obs
+
+    def keep(running: bool) -> None:
+        progress.update(
+            queue=[dataclasses.asdict(sp) for sp in queue],
+            prev=prev,
+            results=[dataclasses.asdict(r) for r in results],
+            running=running,
+        )
+        if on_progress is not None:
+            on_progress()
+
     while True:
+        if results and deadline is not None and time.time() > deadline:
+            keep(False)
+            return results, {"paused": True}
         spec = queue.pop(0) if queue else None
+        keep(True)
         # A set-up run may only die once the store exists (a generation commit comes after).
         if spec is not None and spec.kind in ("write", "lease") and prev is None:
             spec = KillSpec("timed", after_commits=1, delay=spec.put * 0.5)  # set-up run
@@ -874,6 +929,7 @@ def run_chain(
                 error=f"{type(e).__name__}: {e}",
             )
         results.append(kr)
+        keep(False)
         log(
             f"  chain {chain} kill {len(results)}: {kr.spec:<38} landed: {kr.landed:<45} "
             f"{'ok' if kr.survived else 'FAILED ' + (kr.error or '; '.join(kr.violations))}"
@@ -970,7 +1026,7 @@ CONFIGS = (
     {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": None, "num_cycles": 2},
     {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": "solo", "num_cycles": 2},
 )
-CHAIN_KILLS = 4  # kills per chain: a chain (and so a checkpointed part) stays a few minutes
+CHAIN_KILLS = 2  # kills per chain: a chain (and so a checkpointed part) stays a few minutes
 
 
 def benchmark(
@@ -1032,27 +1088,42 @@ def benchmark(
             1.2 * float(np.mean(iteration_seconds)) if iteration_seconds else 10.0
         )
         save()
-    while len(state["kills"]) < kills and (budget_s is None or time.time() - t0 < budget_s):
+    deadline = None if budget_s is None else t0 + budget_s
+    while len(state["kills"]) < kills and (deadline is None or time.time() < deadline):
         if state["chains"] and not state["chains"][-1]["completed"]:
             break  # a chain that did not complete ends the campaign: that is the finding
-        _one_chain(state, rng, workdir, spawn, log)
+        if not _one_chain(state, rng, workdir, spawn, log, deadline, save):
+            break  # paused inside the chain: the next part continues it
         save()
     save()
     return summarize(state)
 
 
 def _one_chain(
-    state: dict[str, Any], rng: np.random.Generator, workdir: str, spawn: str, log
-) -> None:
-    """Runs chain number ``len(state["chains"])`` and records it in ``state``."""
+    state: dict[str, Any],
+    rng: np.random.Generator,
+    workdir: str,
+    spawn: str,
+    log,
+    deadline: float | None = None,
+    save=None,
+) -> bool:
+    """Runs (or continues) chain number ``len(state["chains"])``; records it in ``state``.
+
+    Returns False when the chain paused at ``deadline`` (``state["chain_in_progress"]`` holds
+    it, checkpointed by ``save`` after every kill).
+    """
     c = len(state["chains"])
     cfg = CONFIGS[c % len(CONFIGS)]
     ref = state["refs"][c % len(CONFIGS)]
     url = os.path.join(workdir, f"chain-{c}")
-    shutil.rmtree(url, ignore_errors=True)  # what a part stopped in this chain left behind
-    specs = sample_specs(
-        min(CHAIN_KILLS, state["kills_wanted"] - len(state["kills"])), rng, state["max_delay_s"]
-    )
+    progress = state.get("chain_in_progress")
+    specs: list[KillSpec] = []
+    if progress is None or progress.get("chain") != c:
+        shutil.rmtree(url, ignore_errors=True)  # what a part stopped in this chain left behind
+        left = state["kills_wanted"] - len(state["kills"])
+        specs = sample_specs(min(CHAIN_KILLS, left), rng, state["max_delay_s"])
+        progress = state["chain_in_progress"] = {"chain": c}
     serve = ServeCheck(
         url, spawn, np.random.default_rng([state["seed"], c]), os.path.join(workdir, "reader.log")
     )
@@ -1067,9 +1138,15 @@ def _one_chain(
             spawn=spawn,
             log=log,
             serve=serve,
+            progress=progress,
+            deadline=deadline,
+            on_progress=save,
         )
     finally:
         serve.close()
+    if report.get("paused"):
+        return False
+    del state["chain_in_progress"]
     state["kills"] += [dataclasses.asdict(r) | {"survived": r.survived} for r in kr]
     state["serve_kills"] += serve.kills
     same = same_system(ref["final"], report["final"]) if report["final"] else None
@@ -1094,6 +1171,7 @@ def _one_chain(
         f"predictions: {same_answers}"
     )
     shutil.rmtree(url, ignore_errors=True)
+    return True
 
 
 def summarize(state: Mapping[str, Any]) -> dict[str, Any]:
