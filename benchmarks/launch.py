@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -139,6 +140,7 @@ def main() -> None:
     relay = actor_call_ms()
     ray.shutdown()
     seq = one_process(args.agents, args.cycles, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "agents": args.agents, "cycles": args.cycles, "cpus": os.cpu_count(),
         "ray_start_s": ray_start, "ray_cold_s": cold["wall_s"], "ray_warm_s": warm["wall_s"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -250,6 +251,7 @@ def main() -> None:
         systems = [one_system(int(n), args, tmp, shape) for n in args.tasks.split(",")]
     finally:
         stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     report = {"args": vars(args), "cpus": os.cpu_count(), "ray_and_serve_start_s": started,
               "systems": systems}  # fmt: skip
     base = systems[0]["served"]["p99_ms"]
