@@ -113,6 +113,20 @@ def test_path_of_a_task_no_shard_lists(store_url):
         Store.open(url).load()
 
 
+def test_manifest_that_lost_its_tasks_path(store_url):
+    """A re-signed manifest without its task's path (found by a sweep of every re-signed
+    deletion): the task's index shows it had one, so load refuses and verify names it."""
+    url, _ = store_url
+    store = Store.open(url)
+    body = store.latest_manifest(A)
+    body.update(seq=1, paths=[p for p in body["paths"] if p["task"] != "t:a"])
+    store.put_bytes(store.manifest_path(A, 1), store.document(body))
+    with pytest.raises(StoreError, match="manifest-00000001.*'t:a' has task indexes but no"):
+        Store.open(url).load()
+    fault = _only(verify_store(Store.open(url)), "dangling")
+    assert fault.file == store.manifest_path(A, 1)
+
+
 def test_path_whose_family_is_not_its_components(store_url):
     """A re-signed manifest whose path names another (valid-looking) family: found by the long
     fuzz run loading silently; now load refuses and verify names the manifest and task."""

@@ -360,10 +360,29 @@ class Store:
                 )
         system.recompute_locks()
         _check_consistent(system, sources)
+        if agents is None:
+            self._check_indexed_tasks_have_paths(system)
         if not lazy:
             for c in system.components.values():
                 c.params  # noqa: B018  (forces the read and checksum verification)
         return system
+
+    def _check_indexed_tasks_have_paths(self, system: System) -> None:
+        """A task with a task index had a published path, and paths are only ever replaced."""
+        published = {p.task for p in system.task_paths()}
+        for task in system.tasks:
+            if task in published:
+                continue
+            names = self.list_dir(self.path_of(layout.task_dir(task)))
+            owners = sorted({m.group(1) for m in map(layout.INDEX_RE.match, names) if m})
+            if owners:
+                files = [
+                    self.manifest_path(a, max(self.manifest_seqs(a), default=0)) for a in owners
+                ]
+                raise StoreError(
+                    f"{', '.join(files)}: inconsistent committed state: task {task!r} has task "
+                    "indexes but no published path (a manifest lost its path)"
+                )
 
     def load_task(self, task: str, on_corrupt: str = "raise", lazy: bool = True) -> System:
         """A system holding ``task``'s published path, for inference.
