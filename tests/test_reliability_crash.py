@@ -158,6 +158,9 @@ def test_restart_inside_a_later_iteration_resumes_it(tmp_path):
     = 1: the restart resumes iteration 1 at generation 1 (found by benchmarks/faults.py: the
     restart redid iteration 0 when the count was missing)."""
     cfg = tiny_config(
+        root_hparams={"vit_size": "test", "num_layers": 1, "ds_image_size": 8},
+        defaults={"_mu_": 0.3, "opt_lr": 0.05, "ds_image_size": 8, "ds_crop": False,
+                  "ds_flip_left_right": False},
         num_cycles=2, candidates_per_generation=1, samples_per_task_iteration=2,
         train_examples_between_validations=64, num_validations=1, validation_examples=64,
         test_eval=False, strategy="test_newest_killed",
