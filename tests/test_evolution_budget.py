@@ -100,3 +100,37 @@ def test_bad_budget_names_the_key(value):
     cfg = tiny_config(budget_seconds=value)
     with pytest.raises(ConfigError, match="budget_seconds"):
         cfg.validate(get_family("vit"))
+
+
+@pytest.mark.parametrize("suffix", [False, True])
+def test_step_cost_on_a_fresh_cache_is_what_training_executes(suffix):
+    import jax
+
+    from mu2net.train import testing
+    from mu2net.train.compile_cache import CompileCache
+    from mu2net.train.cost import step_cost
+    from mu2net.train.trainer import TrainConfig, train_candidate
+
+    fam = get_family(testing.FAMILY_NAME)
+    hp = fam.default_hparams()
+    params = fam.init(jax.random.PRNGKey(0), hp)
+    trainable = {"dense_1": params["dense_1"], "head": params["head"]}
+    frozen = {"dense_0": params["dense_0"]}
+    data = testing.synthetic_data(32)
+    val = [{k: v[:16] for k, v in data.items()}]
+    cfg = TrainConfig(
+        batch_size=8, steps_between_validations=3, num_validations=1, suffix_executable=suffix
+    )
+    cost = step_cost(
+        family=fam, hparams=hp, trainable=trainable, frozen=frozen,
+        batch={k: v[:8] for k, v in data.items()}, validation_batches=val, config=cfg,
+        measure=True, cache=CompileCache(persistent=False),
+    )  # fmt: skip
+    result = train_candidate(
+        family=fam, hparams=hp, trainable=trainable, frozen=frozen,
+        train_batches=testing.batches(data, 8), validation_batches=val, config=cfg,
+        progress=False, cache=CompileCache(persistent=False),
+    )  # fmt: skip
+    assert cost.train_flops > 0 and cost.train_seconds > 0 and cost.eval_seconds > 0
+    assert cost.train_flops * result.steps == pytest.approx(result.flops["train"])
+    assert cost.eval_flops == pytest.approx(result.flops["eval"])

@@ -90,11 +90,14 @@ def step_cost(
     params = {**frozen_dev, **trainable_dev}
     eval_fn = eval_executable(family, hparams, params, val[0], partitioner, cache)
     extra = () if mask is None else (mask,)
-    train_flops = call_flops(step_fn, trainable_dev, opt_state, frozen_dev, batch_dev, *extra)
+    # The step's runtime hparams (lr, momentum, nesterov): values never change its cost.
+    runtime = jax.device_put(jnp.asarray([0.0, 0.9, 0.0], jnp.float32), partitioner.replicated)
+    train_flops = call_flops(
+        step_fn, trainable_dev, opt_state, frozen_dev, batch_dev, runtime, *extra
+    )
     eval_flops = call_flops(eval_fn, params, val[0]) * len(val)
     train_s = eval_s = 0.0
     if measure:
-        runtime = jax.device_put(jnp.asarray([0.0, 0.9, 0.0], jnp.float32))
         # Train steps donate their inputs: time them on copies, never on the real params.
         t, o = partitioner.put(step_trainable, copy=True), opt_state
         t, o, m = step_fn(t, o, frozen_dev, batch_dev, runtime, *extra)  # compile + warm-up
