@@ -28,8 +28,8 @@ compared with an uninterrupted reference run (same seed): same paths, params and
 By default each run is a fork of this process, which imported everything once: on a busy 2-core
 CPU the ~25 s of imports per run would dominate. ``--spawn=subprocess`` runs ``python -m
 mu2net.cli evolve`` each time, as the CI test (tests/test_reliability_crash.py) does. Prints a
-table and writes ``benchmarks/faults.json``; ``--resume`` checkpoints it after every chain and
-continues from it, so a long campaign runs in parts (``--budget_s``).
+table and writes ``benchmarks/faults.json``; ``--resume`` checkpoints it after every kill and
+continues from it (inside a chain too), so a long campaign runs in parts (``--budget_s``).
 
 Usage: ``python benchmarks/faults.py [--kills 40] [--seed 0] [--resume --budget_s 200]``.
 ``--fuzz N`` runs N fuzzed-store-file cases instead (the mutations and oracle of
@@ -1026,7 +1026,7 @@ CONFIGS = (
     {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": None, "num_cycles": 2},
     {"tasks": ["mu2net:lfw_faces", "mu2net:digits"], "agent": "solo", "num_cycles": 2},
 )
-CHAIN_KILLS = 2  # kills per chain: a chain (and so a checkpointed part) stays a few minutes
+CHAIN_KILLS = 2  # kills per chain: more chains, so more set-ups and final runs are checked
 
 
 def benchmark(
@@ -1419,7 +1419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="checkpoint to --out after every chain and resume from it (same --seed): a long "
+        help="checkpoint to --out after every kill and resume from it (same --seed): a long "
         "campaign in parts",
     )
     p.add_argument("--budget_s", type=float, default=None, help="start no chain after this")
