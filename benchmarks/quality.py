@@ -185,6 +185,7 @@ def evolve_incremental(tasks, cfg, workdir: str, revisit: bool = False) -> dict[
         out["tasks"][task]["accounted_params"] = system.accounted_params(path)
         out["tasks"][task]["path_params"] = system.path_params(path)
         out["tasks"][task]["test_recorded"] = path.metrics.get("test_quality")
+        out["tasks"][task]["validation"] = path.metrics.get("quality")
     out["added_params"] = system.total_params() - root_params
     out["root_params"] = root_params
     out["system"] = system
@@ -318,7 +319,9 @@ def evolved_budgets(path: str, seed: int) -> dict[str, dict[str, float]]:
     with open(path) as f:
         runs = json.load(f)["_raw"]["runs"]
     out = {}
-    for task, recs in runs.get("evolved", {}).items():
+    # The evolved row of that file, whatever its --evolved_label ("evolved", "evolved_1x4"...).
+    label = next((m for m in runs if m.startswith("evolved")), "evolved")
+    for task, recs in runs.get(label, {}).items():
         for r in recs:
             if isinstance(r, dict) and r.get("seed") == seed and "flops" in r:
                 out[task] = {"flops": r["flops"], "seconds": r["seconds"]}
