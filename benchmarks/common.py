@@ -141,3 +141,41 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
         gin_file=list(files), gin_bindings=list(bindings), gin_search_paths=""
     )
     gin_utils.parse_gin(args, finalize=False)
+
+
+def matmul_peak(n: int, dtype, seconds: float) -> float:
+    """FLOP/s of an ``n x n @ n x n`` matmul under jit (best of repetitions for ``seconds``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    return 2.0 * n**3 / best_seconds(lambda: f(a, a).block_until_ready(), seconds)
+
+
+def bandwidth_peak(mib: int, seconds: float) -> float:
+    """Bytes/s of ``y = 2 x + y`` (axpy: two reads and one write) over ``mib`` MiB per array."""
+    import jax
+    import jax.numpy as jnp
+
+    n = mib * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    y = jnp.zeros((n,), jnp.float32)
+    f = jax.jit(lambda a, b: 2.0 * a + b)
+    f(x, y).block_until_ready()
+    return 3 * 4 * n / best_seconds(lambda: f(x, y).block_until_ready(), seconds)
+
+
+def best_seconds(fn, seconds: float, min_reps: int = 3) -> float:
+    """Fastest of repeated calls of ``fn`` for about ``seconds`` (at least ``min_reps``).
+
+    The best, not the mean: on a shared CPU, load only ever makes a call slower.
+    """
+    best, reps, t_end = float("inf"), 0, time.perf_counter() + seconds
+    while reps < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return best

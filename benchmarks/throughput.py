@@ -42,19 +42,6 @@ TOP_K = 4
 NUM_BLOCKS = 16
 
 
-def matmul_peak(n: int, dtype, seconds: float) -> float:
-    """FLOP/s of an ``n x n @ n x n`` matmul under jit (best of timed repetitions)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
-
-
 def setup(batch: int, steps: int):
     """Family, hparams, pretrained params and ``steps`` cached training batches."""
     from mu2net.evolution import data as evo_data
@@ -186,8 +173,8 @@ def main(argv=None) -> int:
 
     meta = common.machine()
     peak = {
-        "float32": matmul_peak(args.matmul, jnp.float32, 3.0 if not args.quick else 0.5),
-        "bfloat16": matmul_peak(args.matmul, jnp.bfloat16, 3.0 if not args.quick else 0.5),
+        "float32": common.matmul_peak(args.matmul, jnp.float32, 3.0 if not args.quick else 0.5),
+        "bfloat16": common.matmul_peak(args.matmul, jnp.bfloat16, 3.0 if not args.quick else 0.5),
     }
     family, hp, params, batches, val, data_s = setup(args.batch, args.steps)
     doc: dict[str, Any] = {
@@ -231,7 +218,9 @@ def main(argv=None) -> int:
     doc["_meta"]["load_average_end"] = common.load_average()
     # The peak measured again at the end (best of both): load spikes only lower a measurement.
     for dt, name in ((jnp.float32, "float32"), (jnp.bfloat16, "bfloat16")):
-        peak[name] = max(peak[name], matmul_peak(args.matmul, dt, 0.5 if args.quick else 3.0))
+        peak[name] = max(
+            peak[name], common.matmul_peak(args.matmul, dt, 0.5 if args.quick else 3.0)
+        )
     for case in ("full", f"top{TOP_K}"):
         for r in (doc[case]["trainer"], doc[case]["hand"]):
             f = doc[case]["hand"]["flops_per_example"]

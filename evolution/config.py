@@ -62,6 +62,10 @@ class EvolutionConfig:
         rule (by score, accepted with probability 0.5^offspring) up to ``max_population``.
       linear_probe_seeding: muNet's policy: every seed is first tried unmutated.
       test_eval: evaluate new best paths on the test split.
+      test_eval_every_generation: µ4Net2's continuous evolution: also test-evaluate the best
+        after every generation that improved it (when it is committed), not only at the end
+        of the task iteration; logged and written as the ``test_quality_per_generation``
+        scalar. Test numbers are reported, never used for selection.
       prefix_cache: reuse the activations of frozen bottom stages within a generation when
         the input pipeline is deterministic (see ``mu2net.evolution.prefix``).
       suffix_executables: one compiled train step per lowest trainable component, shared by
@@ -104,6 +108,7 @@ class EvolutionConfig:
     prune_by_decay: bool = False
     linear_probe_seeding: bool = False
     test_eval: bool = True
+    test_eval_every_generation: bool = False
     prefix_cache: bool = True
     suffix_executables: bool = True
     quality_metric: str = "accuracy"

@@ -282,9 +282,24 @@ class TaskIterationRunner:
         best.metrics["task_iterations"] = ctx.iteration
         # The population keeps training: its unpublished components stay.
         self._publish(ctx, best, self._population_components(ctx))
+        if ctx.config.test_eval and ctx.config.test_eval_every_generation:
+            self._test_eval(ctx, best, g)
         self.commit(ctx.system, ctx.agent, records, f"{ctx.task} it{ctx.iteration} gen{g}")
         # The task keeps training: its own components are unlocked again (always cloned).
         ctx.system.unlock_task(ctx.task, ctx.agent)
+
+    def _test_eval(self, ctx: IterationContext, best: Path, g: int | None = None) -> None:
+        """Test quality of the published ``best`` (reported only, never selected on)."""
+        best.metrics["test_quality"] = candidate.test_quality(ctx, best)[0]
+        best.metrics["test_metric"] = ctx.info.metric_name
+        if g is None:
+            return
+        best.metrics["test_generation"] = g
+        self.scalar(ctx.task, "test_quality_per_generation", float(best.metrics["test_quality"]))
+        self.log(
+            f"[{ctx.task}] it{ctx.iteration} gen{g}: best {best.id} test "
+            f"{best.metrics['test_quality']:.4f}"
+        )
 
     def _finish(
         self, ctx: IterationContext, history: list, t0: float, spending: Spending
@@ -302,9 +317,10 @@ class TaskIterationRunner:
         new_best = improved or "test_quality" not in best.metrics
         if self.strategy.publishes:
             self._publish(ctx, best, set())
-        if cfg.test_eval and self.strategy.publishes and new_best:
-            best.metrics["test_quality"] = candidate.test_quality(ctx, best)[0]
-            best.metrics["test_metric"] = ctx.info.metric_name
+        # A best test-evaluated when its generation was committed (µ4Net2) is not redone.
+        tested = improved and "test_generation" in best.metrics
+        if cfg.test_eval and self.strategy.publishes and new_best and not tested:
+            self._test_eval(ctx, best)
         summary = {
             "event": "task_iteration",
             "task": ctx.task,

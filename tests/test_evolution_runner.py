@@ -134,6 +134,27 @@ def test_kill_after_a_generation_keeps_its_best_and_resumes(tmp_path):
     assert sorted(gens) == [0, 0, 1, 1]  # generation 0 was not trained again
 
 
+def test_continuous_evolution_tests_the_best_after_every_improving_generation(tmp_path):
+    """µ4Net2: the best is committed and test-evaluated after each generation that improved it."""
+    cfg = tiny_config(
+        samples_per_task_iteration=4, candidates_per_generation=1, test_eval_every_generation=True
+    )
+    store = open_or_create(str(tmp_path / "s"), cfg)
+    add_tasks_to_store(store, [B])
+    lines = []
+    Evolver(store, cfg, progress=False, log=lines.append).run()
+    per_gen = [line for line in lines if " test " in line and " gen" in line]
+    commits = [h for h in store.history() if h.get("event") == "task_iteration"]
+    cands = [h for h in store.history() if h.get("task") == B and "parent" in h]
+    assert len(cands) == 4 and len(commits) == 1
+    # The first generation always improves on nothing; each later one only if it beat the best.
+    assert 1 <= len(per_gen) <= 4 and "gen0" in per_gen[0]
+    best = store.load().best_path(B)
+    assert best.metrics["test_generation"] == int(per_gen[-1].split(" gen")[1].split(":")[0])
+    assert f"test {best.metrics['test_quality']:.4f}" in per_gen[-1]
+    assert commits[0]["test_quality"] == best.metrics["test_quality"]
+
+
 def test_changed_validation_settings_revalidate_the_parent(one_task, tmp_path):
     url, cfg = one_task
     store = _copy_store(url, str(tmp_path / "s"))

@@ -95,14 +95,36 @@ assert len(BLOCKS) == NUM_BLOCKS
 # Layers (pure functions over flax-style param dicts).
 
 
+@jax.custom_vjp
 def relu6(x: jax.Array) -> jax.Array:
-    """ReLU capped at 6 (EfficientNet-Lite's activation)."""
+    """ReLU capped at 6 (EfficientNet-Lite's activation).
+
+    Its gradient passes where ``0 < x < 6``, from a saved boolean mask: differentiating
+    ``jnp.clip`` keeps the float pre-activation and costs ~1.4x more on CPU.
+    """
     return jnp.clip(x, 0.0, 6.0)
 
 
+def _relu6_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.clip(x, 0.0, 6.0), (x > 0.0) & (x < 6.0)
+
+
+def _relu6_bwd(passes: jax.Array, cotangent: jax.Array) -> tuple[jax.Array]:
+    return (jnp.where(passes, cotangent, jnp.zeros((), cotangent.dtype)),)
+
+
+relu6.defvjp(_relu6_fwd, _relu6_bwd)
+
+
 def conv1x1(x: jax.Array, p: Params) -> jax.Array:
-    """A 1x1 convolution as a matmul over channels (``kernel [Cin, Cout]``, ``bias [Cout]``)."""
-    return jnp.einsum("bhwc,cd->bhwd", x, p["kernel"]) + p["bias"]
+    """A 1x1 convolution as a matmul over channels (``kernel [Cin, Cout]``, ``bias [Cout]``).
+
+    Written as one 2-D matmul over flattened pixels: XLA's CPU backward of the 4-D einsum is
+    ~5x slower than that of the same product as ``[B*H*W, Cin] @ [Cin, Cout]``.
+    """
+    kernel = p["kernel"]
+    flat = x.reshape(-1, x.shape[-1]) @ kernel
+    return flat.reshape(*x.shape[:-1], kernel.shape[-1]) + p["bias"]
 
 
 def _same_out(size: int, kernel: int, stride: int) -> int:
