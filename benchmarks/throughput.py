@@ -1,6 +1,8 @@
 """Training throughput: mu2net's trainer vs a minimal flax+optax loop, and MFU.
 
-For the default root (pretrained EfficientNet-Lite0 at 64 px, batch 32, mu2net:mnist5k data):
+For a root (``--model``: pretrained EfficientNet-Lite0 at 64 px on mu2net:mnist5k, the default;
+ViT-Ti/16 at 64 px, freshly initialised as no checkpoint ships in a package; pretrained
+MiniLM-L6 at 64 tokens on mu2net:rotten_tomatoes), batch 32:
 
 * ``trainer``: :func:`mu2net.train.trainer.train_candidate`, called twice with the same
   architecture (the second call hits the compile cache); compile, data, step and validation
@@ -9,12 +11,14 @@ For the default root (pretrained EfficientNet-Lite0 at 64 px, batch 32, mu2net:m
   donated params, frozen params as plain arguments) on the same model, params and batches;
   compile time by ``lower().compile()``, steps timed with ``block_until_ready``.
 
-Cases: full fine-tune (every component trainable) and top-4 blocks (blocks 12-15, head conv and
-head trainable, the rest frozen). FLOPs per example from XLA's cost analysis of the hand step;
+Cases: full fine-tune (every component trainable) and top-4 blocks (the last four blocks and
+everything above them trainable, e.g. EfficientNet's blocks 12-15, head conv and head; the
+rest frozen). FLOPs per example from XLA's cost analysis of the hand step;
 MFU = achieved FLOP/s / the float32 matmul peak measured in the same process (4096^3 matmul;
-bfloat16 shown too). Prints one table; writes ``benchmarks/throughput.json``.
+bfloat16 shown too). Prints one table; writes ``benchmarks/throughput.json`` (other models:
+``throughput_<model>.json``).
 
-Usage: ``python benchmarks/throughput.py [--quick] [--steps 40] [--batch 32]``.
+Usage: ``python benchmarks/throughput.py [--model minilm] [--quick] [--steps 40] [--batch 32]``.
 """
 
 from __future__ import annotations
@@ -37,46 +41,74 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-TASK = "mu2net:mnist5k"
 TOP_K = 4
-NUM_BLOCKS = 16
+OPT = {
+    "opt_lr": 0.02,
+    "opt_lr_schedule": "cosine",
+    "opt_lr_warmup_ratio": 0.05,
+    "opt_momentum": 0.9,
+    "opt_nesterov": False,
+}
+# name -> (family, task, root hparams, data hparams, pretrained root in a wheel).
+MODELS = {
+    "efficientnet_lite0": (
+        "efficientnet_lite0",
+        "mu2net:mnist5k",
+        {"ds_image_size": 64, "num_classes": 10},
+        {"ds_image_size": 64, "ds_crop": False, "ds_flip_left_right": False},
+        True,
+    ),
+    "vit_ti": (
+        "vit",
+        "mu2net:mnist5k",
+        {"vit_size": "Ti/16", "num_layers": 12, "ds_image_size": 64, "num_classes": 10},
+        {"ds_image_size": 64, "ds_crop": False, "ds_flip_left_right": False},
+        False,
+    ),
+    "minilm": (
+        "bert",
+        "mu2net:rotten_tomatoes",
+        {"ds_max_length": 64, "num_classes": 2},
+        {"ds_max_length": 64},
+        True,
+    ),
+}
 
 
-def setup(batch: int, steps: int):
-    """Family, hparams, pretrained params and ``steps`` cached training batches."""
+def setup(model: str, batch: int, steps: int):
+    """Family, hparams, root params, ``steps`` cached training batches, validation, data time."""
+    import jax
+
     from mu2net.evolution import data as evo_data
     from mu2net.models.base import get_family
     from mu2net.train.batching import validation_batches
 
-    family = get_family("efficientnet_lite0")
-    hp = {
-        **family.default_hparams(),
-        "ds_image_size": 64,
-        "num_classes": 10,
-        "opt_lr": 0.02,
-        "opt_lr_schedule": "cosine",
-        "opt_lr_warmup_ratio": 0.05,
-        "opt_momentum": 0.9,
-        "opt_nesterov": False,
-    }
-    params = family.load_pretrained(hp)
-    ds = {"ds_image_size": 64, "ds_crop": False, "ds_flip_left_right": False}
+    name, task, root_hp, ds, pretrained = MODELS[model]
+    family = get_family(name)
+    hp = {**family.default_hparams(), **root_hp, **OPT}
+    if pretrained:
+        params = family.load_pretrained(hp)
+    else:  # no ViT-Ti checkpoint ships in a package: a fresh init costs the same per step
+        params = jax.tree_util.tree_map(np.asarray, family.init(jax.random.PRNGKey(0), hp))
     t0 = time.perf_counter()
-    batches = list(evo_data.TrainStream(TASK, family, ds, batch, steps, seed=0))
+    batches = list(evo_data.TrainStream(task, family, ds, batch, steps, seed=0))
     first_s = time.perf_counter() - t0
     # Steady state: the pipeline is built and the raw arrays cached; a new seed reshuffles.
     t0 = time.perf_counter()
-    list(evo_data.TrainStream(TASK, family, ds, batch, steps, seed=1))
+    list(evo_data.TrainStream(task, family, ds, batch, steps, seed=1))
     data_s = {"first_stream_s": first_s, "s_per_batch": (time.perf_counter() - t0) / steps}
-    val = validation_batches(evo_data.eval_arrays(TASK, "validation", family, ds, batch), batch)
-    return family, hp, params, batches, val, data_s
+    val = validation_batches(evo_data.eval_arrays(task, "validation", family, ds, batch), batch)
+    return family, hp, params, batches, val, data_s, task
 
 
-def split(params: dict, case: str) -> tuple[dict, dict]:
-    """(trainable, frozen) of a case."""
+def split(family, hp: dict, params: dict, case: str) -> tuple[dict, dict]:
+    """(trainable, frozen) of a case: everything, or the top blocks and what sits above them."""
     if case == "full":
         return dict(params), {}
-    top = {f"block_{i}" for i in range(NUM_BLOCKS - TOP_K, NUM_BLOCKS)} | {"head_conv", "head"}
+    names = family.component_names(hp)
+    blocks = [n for n in names if family.block_index(n) is not None]
+    last = names.index(blocks[-1])
+    top = set(blocks[-TOP_K:]) | set(names[last + 1 :])
     return (
         {k: v for k, v in params.items() if k in top},
         {k: v for k, v in params.items() if k not in top},
@@ -166,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--matmul", type=int, default=4096, help="matmul size for the peak")
     p.add_argument("--quick", action="store_true", help="8 steps, 1024 matmul (smoke test)")
+    p.add_argument(
+        "--model", default="efficientnet_lite0", choices=sorted(MODELS), help="root to train"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.matmul = 8, 1024
@@ -176,21 +211,22 @@ def main(argv=None) -> int:
         "float32": common.matmul_peak(args.matmul, jnp.float32, 3.0 if not args.quick else 0.5),
         "bfloat16": common.matmul_peak(args.matmul, jnp.bfloat16, 3.0 if not args.quick else 0.5),
     }
-    family, hp, params, batches, val, data_s = setup(args.batch, args.steps)
+    family, hp, params, batches, val, data_s, task = setup(args.model, args.batch, args.steps)
     doc: dict[str, Any] = {
         "_meta": {
             **meta,
             "batch": args.batch,
             "steps": args.steps,
             "matmul_n": args.matmul,
-            "task": TASK,
+            "task": task,
+            "model": args.model,
             "data_stream": data_s,
         },
         "matmul_peak_flops": peak,
     }
     rows = []
     for case in ("full", f"top{TOP_K}"):
-        trainable, frozen = split(params, case)
+        trainable, frozen = split(family, hp, params, case)
         tr = run_trainer(family, hp, trainable, frozen, batches, val, args.batch)
         hand = run_hand(family, hp, trainable, frozen, batches, args.batch)
         fpe = hand["flops_per_example"]
@@ -226,7 +262,8 @@ def main(argv=None) -> int:
             f = doc[case]["hand"]["flops_per_example"]
             r["mfu_f32"] = r["examples_per_s"] * f / peak["float32"]
     rows = [row[:-1] + [f"{100 * row[-1]['mfu_f32']:.1f}%"] for row in rows]
-    path = common.write_json("throughput" + ("_quick" if args.quick else ""), doc)
+    name = "throughput" if args.model == "efficientnet_lite0" else f"throughput_{args.model}"
+    path = common.write_json(name + ("_quick" if args.quick else ""), doc)
     print(
         common.table(
             [
@@ -251,7 +288,7 @@ def main(argv=None) -> int:
         f"{peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s "
         f"(n={args.matmul}, best of start/end); compile s = trainer's first call / hand "
         f"lower().compile(); data ms/step: trainer = batch prep + host->device in the loop, "
-        f"hand = a fresh {TASK} stream (steady state; first stream "
+        f"hand = a fresh {task} stream (steady state; first stream "
         f"{data_s['first_stream_s']:.1f}s incl. pipeline build); "
         f"load avg {meta['load_average_start'][0]:.1f}->"
         f"{doc['_meta']['load_average_end'][0]:.1f}\nwrote {path}"
