@@ -438,8 +438,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _document(runs, tasks, immunity, meta)
 
 
-def merge(paths: list[str]) -> dict[str, Any]:
-    """One document from several runs' JSON files (e.g. seeds run in parallel processes)."""
+def merge(paths: list[str], rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """One document from several runs' JSON files (e.g. seeds run in parallel processes).
+
+    ``rename`` maps a file's method label to the merged one (``evolved_1x4`` -> ``evolved``).
+    """
     import json
 
     runs: dict[str, dict[str, list]] = {}
@@ -447,7 +450,8 @@ def merge(paths: list[str]) -> dict[str, Any]:
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
-        for method, per_task in doc["_raw"]["runs"].items():
+        for label, per_task in doc["_raw"]["runs"].items():
+            method = (rename or {}).get(label, label)
             for task, recs in per_task.items():
                 have = runs.setdefault(method, {}).setdefault(task, [])
                 seen = {r["seed"] for r in have if isinstance(r, dict)}
@@ -569,6 +573,36 @@ def print_table(doc: dict[str, Any]) -> None:
     )
 
 
+def pareto_plot(doc: dict[str, Any], path: str) -> str:
+    """Mean test accuracy vs accounted params per task; marker area = TFLOPs per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = doc["_meta"]["tasks"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method, entry in doc.items():
+        per = [entry[t] for t in tasks if not method.startswith("_") and t in entry]
+        if not per:
+            continue
+        params = np.mean([e["accounted_params"] for e in per]) / 1e6
+        tflops = np.mean([e["flops"] or 0.0 for e in per]) / 1e12
+        avg = entry["average"]
+        ax.errorbar(params, avg["mean"], yerr=avg["std"] or 0.0, fmt="none", ecolor="grey")
+        ax.scatter(params, avg["mean"], s=60 + 400 * tflops, alpha=0.6)
+        n = len(avg["runs"])
+        ax.annotate(f"{method} ({n} seed{'s' * (n > 1)})", (params, avg["mean"]), fontsize=7,
+                    xytext=(5, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("accounted params per task (M)")
+    ax.set_ylabel("mean test accuracy over the suite")
+    ax.set_title("Quality vs params per task (marker area ~ TFLOPs per task)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _print_transfer(doc: dict[str, Any]) -> None:
     for t, tr in doc.get("_transfer", {}).items():
         w, a = np.mean(tr["with_earlier_tasks"]), np.mean(tr["alone"])
@@ -632,11 +666,16 @@ def main(argv=None) -> int:
         help="results JSON whose evolved runs set the @flops/@seconds budgets (per seed)",
     )
     p.add_argument("--out", default="", help="JSON name (default quality / quality_text)")
+    p.add_argument(
+        "--rename", default="", help="with --merge: OLD=NEW method labels, comma-separated"
+    )
+    p.add_argument("--plot", action="store_true", help="also write the Pareto plot (<name>.png)")
     args = p.parse_args(argv)
     import mu2net.models.vit  # noqa: F401  (registers the families)
     import mu2net.tasks  # noqa: F401
 
-    doc = merge(args.merge) if args.merge else run(args)
+    rename = dict(kv.split("=", 1) for kv in args.rename.split(",") if kv)
+    doc = merge(args.merge, rename) if args.merge else run(args)
     # A checkpointed part run ends in its own file; only a full run or a merge is the result.
     name = args.out or args.checkpoint or ("quality_text" if args.text else "quality")
     if args.quick and not args.out:
@@ -644,6 +683,9 @@ def main(argv=None) -> int:
     path = common.write_json(name, doc)
     print_table(doc)
     _print_transfer(doc)
+    if args.plot:
+        png = pareto_plot(doc, os.path.join(common.HERE, name + ".png"))
+        print(f"wrote {png}")
     print(f"wrote {path}")
     return 0
 
