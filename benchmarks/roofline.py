@@ -51,6 +51,7 @@ XLA_FLAG_LEVERS = (
     "--xla_cpu_use_xnnpack=true",
     "--xla_cpu_enable_fast_math=true",
     "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    "--xla_cpu_use_xnnpack=true --xla_cpu_enable_concurrency_optimized_scheduler=true",
 )
 
 
