@@ -583,7 +583,7 @@ def pareto_plot(doc: dict[str, Any], path: str) -> str:
     tasks = doc["_meta"]["tasks"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for method, entry in doc.items():
-        per = [entry[t] for t in tasks if not method.startswith("_") and t in entry]
+        per = [] if method.startswith("_") else [entry[t] for t in tasks if t in entry]
         if not per:
             continue
         params = np.mean([e["accounted_params"] for e in per]) / 1e6

