@@ -236,3 +236,22 @@ def test_fifty_task_store_verifies_in_bounded_time(tmp_path):
     assert report.tasks == 50 and report.components == 53
     print(f"\nverify, 50-task store: {report.summary()} (wall {seconds:.2f} s)")
     assert seconds < 30.0
+
+
+def test_index_of_a_commit_the_load_did_not_read(store_url):
+    """CI caught a reader failing while an agent committed a task's first path: the reader read
+    the manifest before the commit and listed the task's folder after its index landed. Indexes
+    of commits newer than the manifest read must not count; older ones still do."""
+    url, _ = store_url
+    store = Store.open(url)
+    body = store.latest_manifest(A)
+    body.update(seq=1, paths=[p for p in body["paths"] if p["task"] != "t:a"])
+    store.put_bytes(store.manifest_path(A, 1), store.document(body))
+    old = task_index.index_path(store, "t:a", A, 0)
+    new = task_index.index_path(store, "t:a", A, 2)
+    os.replace(old, new)
+    system = Store.open(url).load()
+    assert "t:a" in system.tasks and "t:a" not in {p.task for p in system.task_paths()}
+    os.replace(new, old)
+    with pytest.raises(StoreError, match="'t:a' has task indexes but no"):
+        Store.open(url).load()

@@ -319,6 +319,7 @@ class Store:
         task_entries = []
         sources: dict[str, str] = {}  # path id -> the manifest that holds it
         skipped: list[StoreError] = []  # broken states "previous" fell back from
+        loaded_seqs: dict[str, int] = {}  # agent -> the manifest seq this load read
         for agent in agents if agents is not None else self.shards():
             body, errors = self._latest_readable(agent, on_corrupt)
             for err in errors:
@@ -327,6 +328,7 @@ class Store:
             if body is None:
                 continue
             where = self.manifest_path(agent, body["seq"])
+            loaded_seqs[agent] = int(body["seq"])
             for cid, rec in body["components"].items():
                 if not cid.startswith(agent + "/"):
                     raise StoreError(
@@ -361,20 +363,27 @@ class Store:
         system.recompute_locks()
         _check_consistent(system, sources)
         if agents is None:
-            self._check_indexed_tasks_have_paths(system)
+            self._check_indexed_tasks_have_paths(system, loaded_seqs)
         if not lazy:
             for c in system.components.values():
                 c.params  # noqa: B018  (forces the read and checksum verification)
         return system
 
-    def _check_indexed_tasks_have_paths(self, system: System) -> None:
-        """A task with a task index had a published path, and paths are only ever replaced."""
+    def _check_indexed_tasks_have_paths(self, system: System, loaded_seqs: dict[str, int]) -> None:
+        """A task with a task index had a published path, and paths are only ever replaced.
+
+        Only indexes of commits this load read count: a concurrent agent may have committed
+        the task's first path (and its index) after its manifest was read.
+        """
         published = {p.task for p in system.task_paths()}
         for task in system.tasks:
             if task in published:
                 continue
             names = self.list_dir(self.path_of(layout.task_dir(task)))
-            owners = sorted({m.group(1) for m in map(layout.INDEX_RE.match, names) if m})
+            matches = [m for m in map(layout.INDEX_RE.match, names) if m]
+            owners = sorted(
+                {m.group(1) for m in matches if int(m.group(2)) <= loaded_seqs.get(m.group(1), -1)}
+            )
             if owners:
                 files = [
                     self.manifest_path(a, max(self.manifest_seqs(a), default=0)) for a in owners
