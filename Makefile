@@ -14,8 +14,8 @@ venv: $(STAMP)
 $(STAMP): requirements/lock.txt requirements/nodeps.txt setup.py
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==0.13.9
-	$(VENV)/bin/uv pip install --python $(PY) -r requirements/lock.txt
-	$(VENV)/bin/uv pip install --python $(PY) --no-deps -r requirements/nodeps.txt
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -r requirements/lock.txt
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode --no-deps -r requirements/nodeps.txt
 	$(VENV)/bin/uv pip install --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
