@@ -4,7 +4,8 @@ For systems of 1, 10 and 50 tasks that share one root and own their heads (rando
 ``--family``; EfficientNet-Lite0 at 64 px by default, the demo's root), on one local Ray + Serve:
 
 * **served**: ``--clients`` threads of :class:`mu2net.serve.client.Client` send mixed-task traffic
-  (each request a uniformly drawn task, ``--examples`` preprocessed examples as ``inputs_npy``)
+  (each request a uniformly drawn task, ``--examples`` preprocessed examples as a raw ``.npy``
+  body, or with ``--body json`` as base64 ``inputs_npy`` in JSON)
   after a warm-up request per task; bounded by ``--requests`` and ``--seconds``. Throughput
   (examples/s) and p50/p99 request latency;
 * **in-process**: the same requests through one :class:`~mu2net.serve.PredictorPool` in this
@@ -80,13 +81,22 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
             "mean_ms": float(a.mean())}  # fmt: skip
 
 
-def served(url: str, reqs, clients: int, seconds: float) -> dict:
+def encoded(reqs, body: str) -> list[tuple[str, bytes, str]]:
+    """(task, body, content type) per request: raw ``.npy`` bytes or base64 ``.npy`` in JSON."""
+    from mu2net.serve.inputs import NPY_CONTENT_TYPE, encode_npy, npy_bytes
+
+    if body == "npy":
+        return [(t, npy_bytes(x), NPY_CONTENT_TYPE) for t, x in reqs]
+    return [(t, json.dumps({"inputs_npy": encode_npy(x)}).encode(), "application/json")
+            for t, x in reqs]  # fmt: skip
+
+
+def served(url: str, reqs, clients: int, seconds: float, body: str) -> dict:
     """Mixed-task traffic from ``clients`` threads; bounded by count and time."""
     from mu2net.serve.client import Client
-    from mu2net.serve.inputs import encode_npy
 
     client = Client(url, timeout=120)
-    bodies = [(t, json.dumps({"inputs_npy": encode_npy(x)}).encode(), len(x)) for t, x in reqs]
+    bodies = encoded(reqs, body)
     latencies, errors, lock = [], [], threading.Lock()
     nxt = iter(range(len(bodies)))
     deadline = time.perf_counter() + seconds
@@ -97,10 +107,10 @@ def served(url: str, reqs, clients: int, seconds: float) -> dict:
                 i = next(nxt, None)
             if i is None:
                 return
-            task, body, _ = bodies[i]
+            task, data, content_type = bodies[i]
             t0 = time.perf_counter()
             try:
-                client.predict_body(task, body)
+                client.predict_body(task, data, content_type)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(repr(e)[:200])
                 continue
@@ -125,8 +135,8 @@ def in_process(store_url: str, reqs, max_batch: int, chunk: int) -> dict:
     from mu2net.serve import PredictorPool
 
     pool = PredictorPool(store_url, chunk_size=chunk)
-    for task in sorted({t for t, _ in reqs}):
-        pool.get(task)
+    for task, x in {t: x for t, x in reqs}.items():  # load and compile, as the served warm-up
+        pool.get(task).predict(task, x)
     by_task: dict[str, list[np.ndarray]] = {}
     for t, x in reqs:
         by_task.setdefault(t, []).append(x)
@@ -199,7 +209,7 @@ def one_system(n: int, args, tmp: str, shape) -> dict:
         firsts = first_requests(app_url, n, args.examples, shape)
         reqs = requests(n, args.requests, args.examples, shape)
         load_avg = os.getloadavg()[0]
-        result = served(app_url, reqs, args.clients, args.seconds)
+        result = served(app_url, reqs, args.clients, args.seconds, args.body)
         from mu2net.serve.client import Client
 
         stats = Client(app_url).stats()
@@ -228,6 +238,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=45.0, help="bound per system's traffic")
     p.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     p.add_argument("--examples", type=int, default=8, help="examples per request")
+    p.add_argument(
+        "--body",
+        choices=["npy", "json"],
+        default="npy",
+        help="raw .npy bodies (what Client.predict sends) or base64 .npy in JSON",
+    )
     p.add_argument("--chunk", type=int, default=8, help="examples per compiled call")
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--batch_wait_ms", type=float, default=2.0)

@@ -6,6 +6,7 @@ a predictor reads only its path's components, and a batch's rows never depend on
 """
 
 import io
+import json
 import os
 
 import numpy as np
@@ -15,12 +16,13 @@ from serve_fixtures import HP, batch, build_store, publish_head, task_name
 from mu2net.serve import (
     ComponentCache,
     InputError,
+    PayloadTooLarge,
     PredictorPool,
     TaskPredictor,
     UnknownTaskError,
     load,
 )
-from mu2net.serve.inputs import decode_image, parse_body
+from mu2net.serve.inputs import decode_image, encode_npy, npy_bytes, parse_body
 from mu2net.system import Store
 
 
@@ -83,6 +85,25 @@ def test_bad_inputs_name_task_and_problem(small):
     ]:
         with pytest.raises(InputError, match=words):
             parse_body(body, 8)
+
+
+def test_raw_npy_body_equals_the_json_forms_and_bad_ones_are_named():
+    x = np.random.default_rng(0).uniform(0, 1, (3, 8, 8, 3)).astype(np.float32)
+    raw = parse_body(npy_bytes(x), 8, "application/x-npy; charset=binary")["inputs"]
+    wrapped = parse_body(json.dumps({"inputs_npy": encode_npy(x)}), 8)["inputs"]
+    assert raw.tobytes() == wrapped.tobytes() == x.tobytes() and raw.shape == x.shape
+    npz, pickled = io.BytesIO(), io.BytesIO()
+    np.savez(npz, x=x)
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for body, words in [
+        (b"not an npy", "request body: not a .npy"),
+        (npz.getvalue(), "npz archive"),
+        (pickled.getvalue(), "request body: not a .npy"),  # never unpickled
+    ]:
+        with pytest.raises(InputError, match=words):
+            parse_body(body, 8, "application/x-npy")
+    with pytest.raises(PayloadTooLarge, match="9 examples"):
+        parse_body(npy_bytes(np.zeros((9, 2), np.float32)), 8, "application/x-npy")
 
 
 def test_cache_holds_shared_components_once_and_evicts_only_unpinned(small):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ pytestmark = [
 
 from mu2net.serve import TaskPredictor  # noqa: E402
 from mu2net.serve.client import Client, ServeClientError  # noqa: E402
-from mu2net.serve.inputs import decode_image  # noqa: E402
+from mu2net.serve.inputs import decode_image, encode_npy  # noqa: E402
 
 N_TASKS = 20
 REFRESH_S = 1.0
@@ -90,6 +91,16 @@ def test_served_predictions_equal_in_process_for_every_task(served):
         assert got.labels.tolist() == labels.tolist()
         assert got.probabilities.tobytes() == probs.astype(np.float32).tobytes(), task
         assert got.classes == [CLASSES[k] for k in labels]
+    # Any HTTP client: JSON body (base64 .npy) and no multiplexing header, the same answer.
+    request = urllib.request.Request(
+        f"{served['url']}/v1/tasks/{task}:predict",
+        data=json.dumps({"inputs_npy": encode_npy(x)}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        plain = json.loads(r.read())
+    assert plain["path_id"] == local.path_id and plain["labels"] == labels.tolist()
+    assert np.asarray(plain["probabilities"], np.float32).tobytes() == got.probabilities.tobytes()
     listed = {t["task"]: t for t in client.tasks()}
     assert set(listed) == {task_name(i) for i in range(N_TASKS)} | {served["bad"]["task"]}
     assert listed[task_name(0)]["params"] > 0 and listed[task_name(0)]["quality"] > 0

@@ -1,11 +1,12 @@
 """The Ray Serve application: every task of a live system behind one HTTP JSON API.
 
-Two deployments. ``Gateway`` (FastAPI ingress) owns the routes, body-size limit and the task
-list; it forwards ``POST /v1/tasks/{task}:predict`` to ``TaskServer`` with the task as the
-multiplexed model id, so Ray routes a task's requests to replicas that already hold its path.
-``TaskServer`` replicas hold a :class:`~mu2net.serve.predictor.PredictorPool` (one component
-cache per replica, LRU bounds on paths and bytes), batch requests per task (``serve.batch``
-splits batches by model id) and refresh loaded tasks every ``refresh_s`` seconds, so a newly
+One deployment, ``TaskServer``, a FastAPI ingress that Serve's HTTP proxy calls directly. The
+client names the task in the ``serve-multiplexed-model-id`` header as well as in the route, so
+Ray routes a task's requests to replicas that already hold its path (Serve model
+multiplexing); a request without the header is answered by any replica, which loads the path.
+Each replica holds a :class:`~mu2net.serve.predictor.PredictorPool` (one component cache per
+replica, LRU bounds on paths and bytes), batches requests per task (``serve.batch`` splits
+batches by model id) and refreshes loaded tasks every ``refresh_s`` seconds, so a newly
 published path answers within ``refresh_s`` plus its load time, without a restart.
 
 Routes: ``POST /v1/tasks/{task}:predict`` (body: :mod:`mu2net.serve.inputs`), ``GET /v1/tasks``,
@@ -107,65 +108,6 @@ def _inputs(pred: TaskPredictor, raw: Mapping[str, Any]) -> np.ndarray:
     return pred.check(pred.prepare(raw.get("images") or raw.get("texts")))
 
 
-class TaskServerBase:
-    """A replica: predictors of the tasks it was asked for, refreshed in the background."""
-
-    def __init__(self, config: Mapping[str, Any]):
-        self.config = ServeConfig(**config)
-        for module in self.config.modules:
-            importlib.import_module(module)
-        import jax
-
-        self.pool = PredictorPool(
-            self.config.store,
-            max_paths=self.config.max_paths,
-            max_bytes=self.config.max_bytes,
-            chunk_size=self.config.chunk_size,
-            to_device=jax.device_put,
-        )
-        self._stop = threading.Event()
-        threading.Thread(target=self._refresh_loop, daemon=True, name="mu2net-refresh").start()
-
-    def _refresh_loop(self) -> None:
-        while not self._stop.wait(self.config.refresh_s):
-            try:
-                changed = self.pool.refresh()
-                if changed:
-                    log.info("new published paths for %s", changed)
-            except Exception as e:  # noqa: BLE001 - the current paths keep answering
-                log.warning("refresh failed (current paths keep answering): %s", e)
-
-    async def get_task(self, task: str) -> str:
-        """Loads ``task``'s path into this replica (wrapped by ``serve.multiplexed``)."""
-        await asyncio.to_thread(self.pool.get, task)
-        return task
-
-    async def run_batch(
-        self, preds: list[TaskPredictor], xs: list[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One forward pass per predictor snapshot over the batched requests of one task."""
-        return await asyncio.to_thread(_run_groups, preds, xs)
-
-    async def predict(self, task: str, body: bytes) -> dict[str, Any]:
-        """The answer (or error) of one request, as a dict with an HTTP ``status``."""
-        try:
-            await self.get_task(task)
-            pred = await asyncio.to_thread(self.pool.get, task)  # one snapshot per request
-            raw = parse_body(body, self.config.max_examples)
-            x = await asyncio.to_thread(_inputs, pred, raw)
-            labels, probs = await self.run_batch(pred, x)
-            return _answer(pred, labels, probs)
-        except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
-            return _error(e)
-
-    async def stats(self) -> dict[str, Any]:
-        """The component cache and loaded paths of this replica."""
-        return self.pool.stats()
-
-    def __del__(self) -> None:
-        self._stop.set()
-
-
 def _run_groups(
     preds: Sequence[TaskPredictor], xs: Sequence[np.ndarray]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -206,18 +148,11 @@ def _describe_tasks(store: Store) -> dict[str, dict[str, Any]]:
     return out
 
 
-# Everything the Gateway uses is defined above it: serve.ingress captures the globals here.
-api = FastAPI(title="mu2net", description="Every task of one live mu2net system.")
+class TaskListing:
+    """The tasks with a published path, reread from the store when older than asked for."""
 
-
-@serve.ingress(api)
-class Gateway:
-    """HTTP routes; forwards predictions to ``TaskServer`` keyed by task."""
-
-    def __init__(self, server: Any, config: Mapping[str, Any]):
-        self.server = server
-        self.config = ServeConfig(**config)
-        self.store = Store.open(self.config.store)
+    def __init__(self, store: Store):
+        self.store = store
         self._tasks: dict[str, dict[str, Any]] = {}
         self._loaded_at = -1e9
         self._lock = asyncio.Lock()
@@ -230,8 +165,8 @@ class Gateway:
                 self._loaded_at = time.monotonic()
             return self._tasks
 
-    async def _task_list(self, max_age: float, wait: bool = False) -> dict[str, dict[str, Any]]:
-        """The task listing, at most ``max_age`` old when ``wait`` (or on the first call).
+    async def get(self, max_age: float, wait: bool = False) -> dict[str, dict[str, Any]]:
+        """The listing, at most ``max_age`` old when ``wait`` (or on the first call).
 
         Otherwise a stale listing is returned at once and reloaded in the background: the
         reload reads every shard's manifest, which must not stall the requests waiting on it.
@@ -244,25 +179,74 @@ class Gateway:
             self._refresh = asyncio.ensure_future(self._reload(max_age))
         return self._tasks
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        """Liveness: the gateway answers."""
-        return {"status": "ok"}
 
-    @api.get("/v1/tasks")
-    async def tasks(self) -> dict[str, Any]:
-        """Tasks with a published path: path id, family, quality, params."""
-        tasks = await self._task_list(self.config.refresh_s, wait=True)
-        return {"tasks": list(tasks.values())}
+class TaskServerBase:
+    """A replica's work behind the routes that :func:`_ingress_class` adds.
 
-    @api.get("/v1/stats")
-    async def stats(self) -> dict[str, Any]:
-        """One replica's component cache and loaded paths."""
-        return await self.server.stats.remote()
+    It holds the predictors of the tasks it was asked for, refreshed in the background, and
+    the task listing.
+    """
 
-    @api.post("/v1/tasks/{task}:predict")
-    async def predict(self, task: str, request: Request) -> JSONResponse:
-        """Labels, class names and probabilities of ``task``'s path, and the path id."""
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = ServeConfig(**config)
+        for module in self.config.modules:
+            importlib.import_module(module)
+        import jax
+
+        self.pool = PredictorPool(
+            self.config.store,
+            max_paths=self.config.max_paths,
+            max_bytes=self.config.max_bytes,
+            chunk_size=self.config.chunk_size,
+            to_device=jax.device_put,
+        )
+        self.listing = TaskListing(Store.open(self.config.store))
+        self._stop = threading.Event()
+        threading.Thread(target=self._refresh_loop, daemon=True, name="mu2net-refresh").start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.config.refresh_s):
+            try:
+                changed = self.pool.refresh()
+                if changed:
+                    log.info("new published paths for %s", changed)
+            except Exception as e:  # noqa: BLE001 - the current paths keep answering
+                log.warning("refresh failed (current paths keep answering): %s", e)
+
+    async def get_task(self, task: str) -> str:
+        """Loads ``task``'s path into this replica (wrapped by ``serve.multiplexed``)."""
+        await asyncio.to_thread(self.pool.get, task)
+        return task
+
+    async def run_batch(
+        self, preds: list[TaskPredictor], xs: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One forward pass per predictor snapshot over the batched requests of one task."""
+        return await asyncio.to_thread(_run_groups, preds, xs)
+
+    async def answer(
+        self, task: str, body: bytes, content_type: str | None = None
+    ) -> dict[str, Any]:
+        """The answer (or error) of one request, as a dict with an HTTP ``status``."""
+        try:
+            tasks = await self.listing.get(self.config.refresh_s)
+            if task not in tasks:
+                tasks = await self.listing.get(0.5, wait=True)  # a task added since the listing
+            if task not in tasks:
+                known = sorted(tasks)
+                msg = f"task {task!r} has no published path in {self.config.store}; known: {known}"
+                return {**_error(UnknownTaskError(msg)), "known_tasks": known}
+            await self.get_task(task)
+            pred = await asyncio.to_thread(self.pool.get, task)  # one snapshot per request
+            raw = parse_body(body, self.config.max_examples, content_type)
+            x = await asyncio.to_thread(_inputs, pred, raw)
+            labels, probs = await self.run_batch(pred, x)
+            return _answer(pred, labels, probs)
+        except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+            return _error(e)
+
+    async def predict_request(self, task: str, request: Request) -> JSONResponse:
+        """The HTTP answer of ``POST /v1/tasks/{task}:predict`` (body size checked first)."""
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -270,44 +254,62 @@ class Gateway:
         body = await request.body()
         if len(body) > limit:
             return _json(_error(PayloadTooLarge(f"body of {len(body)} bytes; limit {limit}")))
-        tasks = await self._task_list(self.config.refresh_s)
-        if task not in tasks:
-            tasks = await self._task_list(0.5, wait=True)  # a task added since the listing
-        if task not in tasks:
-            known = sorted(tasks)
-            msg = f"task {task!r} has no published path in {self.config.store}; known: {known}"
-            return _json({**_error(UnknownTaskError(msg)), "known_tasks": known})
-        handle = self.server.options(multiplexed_model_id=task)
-        return _json(await handle.predict.remote(task, body))
+        return _json(await self.answer(task, body, request.headers.get("content-type")))
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _ingress_class(config: ServeConfig) -> type:
+    """The replica class of one application, with its own FastAPI routes.
+
+    Built per application: ``serve.ingress`` rewrites the routes of the FastAPI app it is
+    given, so two applications (``deploy`` beside ``start``) must not share one.
+    """
+    api = FastAPI(title="mu2net", description="Every task of one live mu2net system.")
+
+    class TaskServer(TaskServerBase):
+        get_task = serve.multiplexed(max_num_models_per_replica=config.max_paths)(
+            TaskServerBase.get_task
+        )
+        run_batch = serve.batch(
+            max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_s
+        )(TaskServerBase.run_batch)
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, str]:
+            """Liveness: the replica answers."""
+            return {"status": "ok"}
+
+        @api.get("/v1/tasks")
+        async def tasks(self) -> dict[str, Any]:
+            """Tasks with a published path: path id, family, quality, params."""
+            tasks = await self.listing.get(self.config.refresh_s, wait=True)
+            return {"tasks": list(tasks.values())}
+
+        @api.get("/v1/stats")
+        async def replica_stats(self) -> dict[str, Any]:
+            """One replica's component cache and loaded paths."""
+            return self.pool.stats()
+
+        @api.post("/v1/tasks/{task}:predict")
+        async def predict(self, task: str, request: Request) -> JSONResponse:
+            """Labels, class names and probabilities of ``task``'s path, and the path id."""
+            return await self.predict_request(task, request)
+
+    return serve.ingress(api)(TaskServer)
 
 
 def build_app(config: ServeConfig) -> Any:
     """The bound Ray Serve application for ``config`` (run it with ``serve.run``)."""
-    cfg = dataclasses.asdict(config)
-    server_cls = type(
-        "TaskServer",
-        (TaskServerBase,),
-        {
-            "get_task": serve.multiplexed(max_num_models_per_replica=config.max_paths)(
-                TaskServerBase.get_task
-            ),
-            "run_batch": serve.batch(
-                max_batch_size=config.max_batch_size,
-                batch_wait_timeout_s=config.batch_wait_s,
-            )(TaskServerBase.run_batch),
-        },
-    )
     server = serve.deployment(
-        server_cls,
+        _ingress_class(config),
         name="TaskServer",
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max(64, 4 * config.max_batch_size),
+        max_ongoing_requests=max(256, 4 * config.max_batch_size),
     )
-    gateway = serve.deployment(
-        Gateway, name="Gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256
-    )
-    return gateway.bind(server.bind(cfg), cfg)
+    return server.bind(dataclasses.asdict(config))
 
 
 def start(config: ServeConfig, ray_address: str | None = None, timeout_s: float = 300.0) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mu2net.serve.errors import ServeError
-from mu2net.serve.inputs import encode_npy
+from mu2net.serve.inputs import NPY_CONTENT_TYPE, npy_bytes
 
 
 class ServeClientError(ServeError):
@@ -74,9 +74,22 @@ class Client:
             self._local.conn = conn
         return conn
 
-    def request(self, method: str, route: str, body: bytes | None = None) -> dict[str, Any]:
-        """The JSON answer of ``method route``; raises :class:`ServeClientError` on non-200."""
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+    def request(
+        self,
+        method: str,
+        route: str,
+        body: bytes | None = None,
+        task: str | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """The JSON answer of ``method route``; raises :class:`ServeClientError` on non-200.
+
+        ``task`` is sent as Serve's multiplexed model id, so the proxy routes the request
+        straight to a replica that holds the task's path.
+        """
+        headers = {"Content-Type": content_type} if body is not None else {}
+        if task is not None:
+            headers["serve-multiplexed-model-id"] = task
         for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
             conn = self._conn()
             try:
@@ -123,18 +136,23 @@ class Client:
                  if v is not None]  # fmt: skip
         if len(given) != 1:
             raise ServeError(f"give exactly one of images, texts, inputs (got {given})")
+        if inputs is not None:
+            return self.predict_body(task, npy_bytes(np.asarray(inputs)), NPY_CONTENT_TYPE)
         if images is not None:
             body = {"images": [base64.b64encode(_bytes(i)).decode("ascii") for i in images]}
-        elif texts is not None:
-            body = {"texts": list(texts)}
         else:
-            body = {"inputs_npy": encode_npy(np.asarray(inputs))}
+            body = {"texts": list(texts)}
         return self.predict_body(task, json.dumps(body).encode())
 
-    def predict_body(self, task: str, body: bytes) -> Prediction:
-        """Sends a ready JSON body (see :mod:`mu2net.serve.inputs`)."""
+    def predict_body(
+        self, task: str, body: bytes, content_type: str = "application/json"
+    ) -> Prediction:
+        """Sends a ready body: JSON, or ``.npy`` bytes as ``application/x-npy``.
+
+        See :mod:`mu2net.serve.inputs` for what a body holds.
+        """
         route = f"/v1/tasks/{urllib.parse.quote(task, safe=':')}:predict"
-        doc = self.request("POST", route, body)
+        doc = self.request("POST", route, body, task=task, content_type=content_type)
         return Prediction(
             task=doc["task"],
             path_id=doc["path_id"],
