@@ -117,16 +117,18 @@ def served(url: str, reqs, clients: int, seconds: float, body: str) -> dict:
             with lock:
                 latencies.append(time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=work) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0  # the clients' share of the same cores
     n = len(latencies)
     return {"requests": n, "errors": len(errors), "first_errors": errors[:3], "wall_s": wall,
             "req_per_s": n / wall, "examples_per_s": n * reqs[0][1].shape[0] / wall,
+            "client_cpu_s": client_cpu, "client_cores": client_cpu / wall,
             **percentiles(latencies)}  # fmt: skip
 
 
@@ -279,11 +281,12 @@ def main() -> None:
         f"{s['served']['p99_ms'] / base:.2f}", str(s["served"]["errors"]),
         f"{s['cold_load_in_process']['load_ms_median']:.1f}",
         f"{s['first_request_other_tasks_ms_median']:.1f}",
-        f"{s['cache_bytes'] / max(1, s['path_bytes_sum']):.3f}", f"{s['load_avg_1min']:.1f}",
+        f"{s['cache_bytes'] / max(1, s['path_bytes_sum']):.3f}",
+        f"{s['served']['client_cores']:.2f}", f"{s['load_avg_1min']:.1f}",
     ] for s in systems]  # fmt: skip
     print(table(["tasks", "served ex/s", "in-process ex/s", "ratio", "p50 ms", "p99 ms",
                  "p99 / 1 task", "errors", "cold load ms", "first request ms",
-                 "cache / paths", "load"], rows))  # fmt: skip
+                 "cache / paths", "client cores", "load"], rows))  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
