@@ -111,7 +111,7 @@ def generation_data(
     val = validation_data(ctx, gen.ds)
     prefix = None
     if cfg.prefix_cache and stream.materialized and deterministic_inputs(gen.ds):
-        prefix = PrefixCache(ctx.family, list(stream), val)
+        prefix = PrefixCache(ctx.family, list(stream), val, ctx.activations)
     return GenerationData(stream, val, s_between, prefix)
 
 

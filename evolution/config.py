@@ -68,6 +68,9 @@ class EvolutionConfig:
         scalar. Test numbers are reported, never used for selection.
       prefix_cache: reuse the activations of frozen bottom stages within a generation when
         the input pipeline is deterministic (see ``mu2net.evolution.prefix``).
+      prefix_memo: with ``prefix_cache``, also keep those activations per example across the
+        generations and task iterations of a run, so each example goes through a frozen
+        prefix once (exact: keyed by the prefix's and the example's bytes).
       suffix_executables: one compiled train step per lowest trainable component, shared by
         every clone set above it (see ``TrainConfig.suffix_executable``).
       quality_metric: what validation quality (hence the score) is: ``accuracy`` (top-1,
@@ -110,6 +113,7 @@ class EvolutionConfig:
     test_eval: bool = True
     test_eval_every_generation: bool = False
     prefix_cache: bool = True
+    prefix_memo: bool = True
     suffix_executables: bool = True
     quality_metric: str = "accuracy"
     seed: int = 0

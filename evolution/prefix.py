@@ -1,4 +1,4 @@
-"""Frozen-prefix caching: compute the activations of a frozen prefix once per generation.
+"""Frozen-prefix caching: compute the activations of a frozen prefix once per example.
 
 When a candidate's lowest trainable component sits in stage k of its family (see
 :meth:`~mu2net.models.base.Family.stages`), stages 0..k-1 are frozen and shared. If the
@@ -7,11 +7,18 @@ output is a fixed function of each example, so it is computed once for the gener
 and validation batches, and every candidate with the same prefix trains only the suffix, on
 those activations, with the same trainer. The maths is unchanged (the prefix gets no gradient
 anyway); the forward and backward passes through the prefix are skipped.
+
+An :class:`ActivationMemo` (one per runner) keeps the activations of each example across the
+generations and task iterations of a run, keyed by content: the prefix's parameter bytes and
+each example's input bytes. A later generation computes only the examples its prefix has not
+seen, whichever path, generation or iteration asked first.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,17 +109,84 @@ def _prefix_fn(family: Family, arch_key: tuple, frozen_hp: tuple, stop: int):
     return jax.jit(lambda params, x: family.apply_stages(params, x, hparams, 0, stop))
 
 
-class PrefixCache:
-    """Activations of frozen prefixes for one generation, keyed by the prefix's component ids."""
+def _digest(*chunks: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.digest()
 
-    def __init__(self, family: Family, train_batches: Sequence[dict], val_batches: Sequence[dict]):
+
+def _row_digests(x: np.ndarray) -> list[bytes]:
+    head = f"{x.dtype.str}{x.shape[1:]}".encode()
+    return [_digest(head, np.ascontiguousarray(row).tobytes()) for row in x]
+
+
+class ActivationMemo:
+    """Prefix activations per example, kept across generations and task iterations.
+
+    One table per prefix content (see :meth:`PrefixCache.features`), holding one row per
+    distinct example input. Tables are dropped least recently used first once the rows held
+    exceed ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = _MAX_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._tables: collections.OrderedDict[bytes, dict[bytes, np.ndarray]] = (
+            collections.OrderedDict()
+        )
+        self._bytes: dict[bytes, int] = {}
+
+    def table(self, key: bytes) -> dict[bytes, np.ndarray]:
+        """The rows of one prefix (created empty), marked as most recently used."""
+        if key not in self._tables:
+            self._tables[key] = {}
+            self._bytes[key] = 0
+        self._tables.move_to_end(key)
+        return self._tables[key]
+
+    def added(self, key: bytes, nbytes: int) -> None:
+        """Records ``nbytes`` of new rows in ``key``'s table and evicts older tables."""
+        self._bytes[key] += nbytes
+        while sum(self._bytes.values()) > self.max_bytes and len(self._tables) > 1:
+            old, _ = self._tables.popitem(last=False)
+            del self._bytes[old]
+
+    @property
+    def rows(self) -> int:
+        """Rows held over all tables."""
+        return sum(len(t) for t in self._tables.values())
+
+
+class PrefixCache:
+    """Activations of frozen prefixes for one generation, keyed by the prefix's component ids.
+
+    Args:
+      family: the generation's model family.
+      train_batches: the generation's (materialised) training stream.
+      val_batches: its validation batches.
+      memo: rows computed by earlier generations, reused when their prefix and inputs are
+        byte-identical; None computes every row of this generation.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        train_batches: Sequence[dict],
+        val_batches: Sequence[dict],
+        memo: ActivationMemo | None = None,
+    ):
         self.family = family
         self.train_batches = list(train_batches)
         self.val_batches = list(val_batches)
+        self.memo = memo
         self._entries: dict[tuple, tuple[list[dict], list[dict]]] = {}
         self.hits = 0
         self.misses = 0
         self.flops = 0.0  # XLA count of the prefix activations computed (once each)
+        self.rows_computed = 0
+        self.rows_reused = 0
+        # What computing every row of the generation again would have cost (no memo).
+        self.flops_without_memo = 0.0
 
     def features(
         self, hparams: Mapping[str, Any], params: Mapping[str, Any], prefix_ids: tuple, stop: int
@@ -126,23 +200,70 @@ class PrefixCache:
             self.hits += 1
             return self._entries[key]
         frozen = freeze_hparams(hparams)
-        fn = _prefix_fn(self.family, self.family.architecture_key(hparams), frozen, stop)
-        probe = np.asarray(fn(params, self.train_batches[0]["inputs"]))
-        total = probe.nbytes * (len(self.train_batches) + len(self.val_batches))
-        if total > _MAX_CACHE_BYTES:
+        arch = self.family.architecture_key(hparams)
+        fn = _prefix_fn(self.family, arch, frozen, stop)
+        x = self.train_batches[0]["inputs"]
+        out = jax.eval_shape(fn, params, x)
+        row_bytes = int(np.prod(out.shape[1:])) * np.dtype(out.dtype).itemsize
+        examples = sum(len(b["inputs"]) for b in (*self.train_batches, *self.val_batches))
+        if row_bytes * examples > _MAX_CACHE_BYTES:
             return None
         self.misses += 1
-        x = self.train_batches[0]["inputs"]
         per_example = lowered_flops(fn.lower(params, x)) / max(len(x), 1)
-        examples = sum(len(b["inputs"]) for b in (*self.train_batches, *self.val_batches))
-        self.flops += per_example * examples
+        memo_key = None
+        table: dict[bytes, np.ndarray] = {}
+        if self.memo is not None and isinstance(x, np.ndarray):
+            memo_key = _digest(repr((arch, stop)).encode(), *_param_bytes(params))
+            table = self.memo.table(memo_key)
+        new, executed = 0, 0
 
         def convert(batches):
-            return [{**b, "inputs": np.asarray(fn(params, b["inputs"]))} for b in batches]
+            nonlocal new, executed
+            out = []
+            for b in batches:
+                feats, n, ran = _rows_through(fn, params, np.asarray(b["inputs"]), table, len(x))
+                new, executed = new + n, executed + ran
+                out.append({**b, "inputs": feats})
+            return out
 
         entry = (convert(self.train_batches), convert(self.val_batches))
+        self.flops += per_example * executed
+        self.flops_without_memo += per_example * examples
+        self.rows_computed += new
+        self.rows_reused += examples - new
+        if memo_key is not None:
+            self.memo.added(memo_key, new * row_bytes)
         self._entries[key] = entry
         return entry
+
+
+def _param_bytes(params: Mapping[str, Any]) -> list[bytes]:
+    """Names and bytes of every leaf, in a fixed order (the prefix's content)."""
+    flat = jax.tree_util.tree_flatten_with_path(dict(params))[0]
+    return [
+        repr(path).encode() + np.ascontiguousarray(np.asarray(leaf)).tobytes()
+        for path, leaf in flat
+    ]
+
+
+def _rows_through(fn, params, x: np.ndarray, table: dict, chunk: int):
+    """``fn`` of every row of ``x``, rows already in ``table`` reused.
+
+    New rows run in chunks of ``chunk`` (the training batch size), the last one padded, so
+    one executable serves every call. Returns (activations, new rows, rows executed).
+    """
+    digests = _row_digests(x)
+    missing = list(dict.fromkeys(d for d in digests if d not in table))
+    where = {d: i for i, d in enumerate(digests)}
+    rows = x[[where[d] for d in missing]]
+    executed = 0
+    for lo in range(0, len(rows), chunk):
+        part = rows[lo : lo + chunk]
+        padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)])
+        executed += len(padded)
+        for d, row in zip(missing[lo : lo + chunk], np.asarray(fn(params, padded))):
+            table[d] = row
+    return np.stack([table[d] for d in digests]), len(missing), executed
 
 
 def suffix_plan(

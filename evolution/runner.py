@@ -28,6 +28,7 @@ from mu2net.evolution.budget import Budget, Spending
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.hparams import sample_dataset_hparams
 from mu2net.evolution.mutations import Lineage
+from mu2net.evolution.prefix import ActivationMemo, PrefixCache
 from mu2net.evolution.roots import class_root, loadable_classes, path_class
 from mu2net.evolution.selection import OFFSPRING_KEY, dump_offspring, load_offspring, seed_paths
 from mu2net.evolution.strategy import GenerationSpec, IterationContext, Strategy
@@ -74,6 +75,7 @@ class TaskIterationRunner:
         self.log = log
         self.scalar = scalar or (lambda task, name, value: None)
         self.progress = progress
+        self.activations = ActivationMemo() if config.prefix_memo else None
 
     # ------------------------------------------------------------------ the iteration
     def run(self, system: System, task: str, iteration: int, agent: str) -> IterationResult:
@@ -137,6 +139,7 @@ class TaskIterationRunner:
             population=population, seeds=seeds,
             offspring=load_offspring(task, best, [*population, *seeds]),
             lineage=Lineage(system, {}, root), score=lambda p, q=None: -math.inf,
+            activations=self.activations,
         )  # fmt: skip
         ctx.score = lambda p, q=None: self.strategy.score(ctx, p, q)
         candidate.quality_metric(ctx)  # names an unknown metric before anything trains
@@ -170,13 +173,17 @@ class TaskIterationRunner:
         data = candidate.generation_data(ctx, spec, longest)
         records, improved = [], []
         for proposal in proposals:
+            before = prefix_counts(data.prefix)
             record, path = candidate.train_proposal(ctx, spec, data, proposal)
             record.update(
                 generation=g, ds_mutations=ds_changes, iteration=ctx.iteration
             )  # fmt: skip
-            if not records and data.prefix is not None:
-                # Computed once for the whole generation; charged to its first candidate.
-                record["flops"]["prefix"] = data.prefix.flops
+            spent = {k: v - before[k] for k, v in prefix_counts(data.prefix).items()}
+            if spent["rows_computed"] or spent["rows_reused"]:
+                # A prefix's activations are computed once (per example, with the memo) and
+                # charged to the candidate that first needed them.
+                record["flops"]["prefix"] = spent.pop("flops")
+                record["prefix"] = spent
             records.append(record)
             self.scalar(ctx.task, "candidate_quality", float(record["quality"] or 0.0))
             if self.progress and not sys.stderr.isatty():
@@ -338,6 +345,12 @@ class TaskIterationRunner:
             "spent": spending.to_json(),
         }
         return IterationResult(summary, best, history)
+
+
+def prefix_counts(cache: PrefixCache | None) -> dict[str, float]:
+    """FLOPs and rows a generation's prefix cache has spent so far (zeros without one)."""
+    keys = ("flops", "flops_without_memo", "rows_computed", "rows_reused")
+    return {k: float(getattr(cache, k)) if cache is not None else 0.0 for k in keys}
 
 
 def compute_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 from mu2net.evolution.budget import MAX_GENERATIONS, Budget
 from mu2net.evolution.config import ConfigError, EvolutionConfig
 from mu2net.evolution.mutations import Child, Lineage
+from mu2net.evolution.prefix import ActivationMemo
 from mu2net.evolution.roots import path_class
 from mu2net.models.base import Family
 from mu2net.system.state import Path, System
@@ -50,6 +51,8 @@ class IterationContext:
       offspring: the task's children per parent id (persisted in the task's published path).
       lineage: the ancestor walk (nearest live ancestor, then the root).
       score: (path, quality or None) -> score, the same function for candidates and parents.
+      activations: frozen-prefix activations kept by the runner across generations and
+        iterations (None: computed again each generation).
     """
 
     task: str
@@ -67,6 +70,7 @@ class IterationContext:
     offspring: dict[str, int]
     lineage: Lineage
     score: Callable[[Path, float | None], float]
+    activations: ActivationMemo | None = None
 
 
 @dataclasses.dataclass

@@ -4,7 +4,12 @@ import jax
 import numpy as np
 import pytest
 
-from mu2net.evolution.prefix import PrefixCache, deterministic_inputs, suffix_plan
+from mu2net.evolution.prefix import (
+    ActivationMemo,
+    PrefixCache,
+    deterministic_inputs,
+    suffix_plan,
+)
 from mu2net.models import get_family
 from mu2net.train.trainer import TrainConfig, train_candidate
 
@@ -112,3 +117,49 @@ def test_suffix_training_matches_full_training():
     # A second candidate with the same frozen prefix reuses the activations.
     suffix_plan(cache, family, hp, components, trainable, frozen, batches, batches[:2])
     assert (cache.misses, cache.hits) == (1, 1)
+
+
+def test_memo_computes_each_example_once_across_generations():
+    family = get_family("vit")
+    hp = {**family.default_hparams(), "num_classes": 3, "ds_image_size": 16}
+    params = _params(family, hp, seed=3)
+    prefix = {n: params[n] for n in ("embedding", "cls", "posembed_input", "encoderblock_0")}
+    ids = tuple(f"x/c{i}" for i in range(len(prefix)))
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(24, 16, 16, 3)).astype(np.float32)
+
+    def batches(rows):
+        return [{"inputs": pool[r], "targets": np.zeros(len(r), np.int32)} for r in rows]
+
+    memo = ActivationMemo()
+    first = PrefixCache(
+        family, batches([[0, 1, 2, 3], [4, 5, 6, 7]]), batches([[8, 9, 10, 11]]), memo
+    )
+    train1, _ = first.features(hp, prefix, ids, 2)
+    assert (first.rows_computed, first.rows_reused) == (12, 0)
+    # The next generation draws 4 seen examples (two of them twice) and 2 new ones.
+    second = PrefixCache(
+        family, batches([[5, 0, 20, 0], [5, 21, 1, 2]]), batches([[8, 9, 10, 11]]), memo
+    )
+    train2, val2 = second.features(hp, prefix, ids, 2)
+    assert (second.rows_computed, second.rows_reused) == (2, 10)
+    assert 0 < second.flops < first.flops
+    np.testing.assert_array_equal(train2[0]["inputs"][1], train1[0]["inputs"][0])
+    np.testing.assert_array_equal(train2[0]["inputs"][0], train1[1]["inputs"][1])
+    # Reused or not, the rows are the prefix applied to the examples.
+    direct = np.asarray(family.apply_stages(params, pool[[5, 21, 1, 2]], hp, 0, 2))
+    np.testing.assert_allclose(train2[1]["inputs"], direct, atol=1e-5)
+    # Other prefix params (same ids) are other content: nothing is reused.
+    moved = jax.tree_util.tree_map(lambda a: a + 1.0, prefix)
+    third = PrefixCache(family, batches([[0, 1, 2, 3]]), batches([[8]]), memo)
+    third.features(hp, moved, ids, 2)
+    assert (third.rows_computed, third.rows_reused) == (5, 0)
+
+
+def test_memo_drops_the_least_recently_used_prefix():
+    memo = ActivationMemo(max_bytes=100)
+    memo.table(b"a")[b"r"] = np.zeros(10, np.float32)
+    memo.added(b"a", 40)
+    memo.table(b"b")[b"r"] = np.zeros(20, np.float32)
+    memo.added(b"b", 80)
+    assert memo.table(b"a") == {} and memo.rows == 1  # "a" was dropped for "b"
