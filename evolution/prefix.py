@@ -19,13 +19,14 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from mu2net.models.base import Family, freeze_hparams
+from mu2net.models.base import Family, PrefixPart, freeze_hparams
 from mu2net.train.compile_cache import lowered_flops
 
 _MAX_CACHE_BYTES = 1536 * 2**20
@@ -187,6 +188,7 @@ class PrefixCache:
         self.rows_reused = 0
         # What computing every row of the generation again would have cost (no memo).
         self.flops_without_memo = 0.0
+        self.seconds = 0.0  # wall time spent computing activations
 
     def features(
         self, hparams: Mapping[str, Any], params: Mapping[str, Any], prefix_ids: tuple, stop: int
@@ -209,32 +211,41 @@ class PrefixCache:
         if row_bytes * examples > _MAX_CACHE_BYTES:
             return None
         self.misses += 1
-        per_example = lowered_flops(fn.lower(params, x)) / max(len(x), 1)
-        memo_key = None
-        table: dict[bytes, np.ndarray] = {}
-        if self.memo is not None and isinstance(x, np.ndarray):
-            memo_key = _digest(repr((arch, stop)).encode(), *_param_bytes(params))
+        t0 = time.perf_counter()
+        whole = PrefixPart(repr((arch, stop)), dict, fn)
+        parts = self.family.prefix_parts(hparams, stop) or [whole]
+        batches = [*self.train_batches, *self.val_batches]
+        outs = [self._part_rows(part, part.select(params), batches) for part in parts]
+        feats = [
+            {**b, "inputs": o[0] if len(o) == 1 else np.concatenate(o, axis=-1)}
+            for b, o in zip(batches, zip(*outs))
+        ]
+        entry = (feats[: len(self.train_batches)], feats[len(self.train_batches) :])
+        self.seconds += time.perf_counter() - t0
+        self._entries[key] = entry
+        return entry
+
+    def _part_rows(self, part: PrefixPart, params: dict, batches: list[dict]) -> list[np.ndarray]:
+        """The part's activations for every batch; new rows run, the memo's rows reused."""
+        x = np.asarray(batches[0]["inputs"])
+        per_example = lowered_flops(part.apply.lower(params, x)) / max(len(x), 1)
+        memo_key, table = None, {}
+        if self.memo is not None:
+            memo_key = _digest(part.key.encode(), *_param_bytes(params))
             table = self.memo.table(memo_key)
-        new, executed = 0, 0
-
-        def convert(batches):
-            nonlocal new, executed
-            out = []
-            for b in batches:
-                feats, n, ran = _rows_through(fn, params, np.asarray(b["inputs"]), table, len(x))
-                new, executed = new + n, executed + ran
-                out.append({**b, "inputs": feats})
-            return out
-
-        entry = (convert(self.train_batches), convert(self.val_batches))
+        outs, new, executed = [], 0, 0
+        for b in batches:
+            rows, n, ran = _rows_through(part.apply, params, np.asarray(b["inputs"]), table, len(x))
+            outs.append(rows)
+            new, executed = new + n, executed + ran
+        examples = sum(len(o) for o in outs)
         self.flops += per_example * executed
         self.flops_without_memo += per_example * examples
         self.rows_computed += new
         self.rows_reused += examples - new
         if memo_key is not None:
-            self.memo.added(memo_key, new * row_bytes)
-        self._entries[key] = entry
-        return entry
+            self.memo.added(memo_key, outs[0][0].nbytes * new)
+        return outs
 
 
 def _param_bytes(params: Mapping[str, Any]) -> list[bytes]:

@@ -183,6 +183,10 @@ class TaskIterationRunner:
                 # A prefix's activations are computed once (per example, with the memo) and
                 # charged to the candidate that first needed them.
                 record["flops"]["prefix"] = spent.pop("flops")
+                record["timings"]["prefix_s"] = spent.pop("seconds")
+                record["timings"]["total_s"] = (
+                    record["timings"].get("total_s", 0.0) + record["timings"]["prefix_s"]
+                )
                 record["prefix"] = spent
             records.append(record)
             self.scalar(ctx.task, "candidate_quality", float(record["quality"] or 0.0))
@@ -349,7 +353,7 @@ class TaskIterationRunner:
 
 def prefix_counts(cache: PrefixCache | None) -> dict[str, float]:
     """FLOPs and rows a generation's prefix cache has spent so far (zeros without one)."""
-    keys = ("flops", "flops_without_memo", "rows_computed", "rows_reused")
+    keys = ("flops", "seconds", "flops_without_memo", "rows_computed", "rows_reused")
     return {k: float(getattr(cache, k)) if cache is not None else 0.0 for k in keys}
 
 

@@ -21,6 +21,7 @@ from mu2net.evolution.live import add_tasks_to_store
 from mu2net.evolution.loop import Evolver
 from mu2net.evolution.main import open_or_create
 from mu2net.evolution.multipath import MultipathStrategy, main_path
+from mu2net.evolution.prefix import ActivationMemo, PrefixCache
 from mu2net.evolution.report import subpath_edges, write_report
 from mu2net.evolution.roots import class_root
 from mu2net.evolution.runner import PROGRESS_KEY, TaskIterationRunner
@@ -119,7 +120,8 @@ def evolved(tmp_path_factory):
             _predictions(before, before.best_path(t)))
         for t in (A, B)
     }  # fmt: skip
-    mcfg = dataclasses.replace(cfg, strategy="multipath")
+    # Two generations of one child: the second reuses the first's sub-path activations.
+    mcfg = dataclasses.replace(cfg, strategy="multipath", candidates_per_generation=1)
     summaries = Evolver(store, mcfg, progress=False, log=lambda s: None, tasks=[B]).run()
     return url, cfg, snapshot, summaries
 
@@ -139,8 +141,35 @@ def test_multipath_path_is_published_and_composite(evolved):
     record = next(h for h in Store.open(url).history() if h.get("path") == best.id)
     assert record["trainable_params"] == 42 + 330
     assert record["trainable_params"] < 0.01 * system.path_params(best)
-    # The sub-paths' outputs were computed once for the generation (the prefix cache).
-    assert record["flops"]["train"] < 1e-3 * record["flops"].get("prefix", np.inf)
+    # The sub-paths' outputs were computed once per example (prefix cache and memo): the
+    # iteration paid for fewer rows than its generations used, and the head costs ~nothing.
+    rows = [h for h in Store.open(url).history() if h.get("task") == B and "prefix" in h]
+    assert rows and sum(h["prefix"]["rows_reused"] for h in rows) > 0
+    prefix = sum(h["flops"]["prefix"] for h in rows)
+    assert 0 < prefix < sum(h["prefix"]["flops_without_memo"] for h in rows)
+    assert record["flops"]["train"] < 1e-3 * prefix
+
+
+def test_prefix_cache_runs_each_sub_path_as_its_own_part(evolved):
+    url = evolved[0]
+    system = Store.open(url).load()
+    best = system.best_path(B)
+    family = get_family(best.family)
+    params = system.params_of(best)
+    frozen = {n: params[n] for n in family.frozen_names(best.hparams)}
+    x = evo_data.eval_arrays(B, "test", family, best.hparams)["inputs"][:16]
+    batches = [{"inputs": x[:8]}, {"inputs": x[8:]}]
+    memo = ActivationMemo()
+    cache = PrefixCache(family, batches[:1], batches[1:], memo)
+    train, val = cache.features(best.hparams, frozen, ("ids",), 1)
+    direct = np.asarray(family.apply_stages(frozen, x, best.hparams, 0, 1))
+    np.testing.assert_allclose(np.concatenate([train[0]["inputs"], val[0]["inputs"]]), direct,
+                               atol=1e-5)  # fmt: skip
+    assert cache.rows_computed == 2 * 16  # two parts (path_0, path_1), 16 examples each
+    # The same sub-paths under other ids (another composite path): every row is reused.
+    again = PrefixCache(family, batches[1:], batches[:1], memo)
+    again.features(best.hparams, frozen, ("other", "ids"), 1)
+    assert (again.rows_computed, again.rows_reused, again.flops) == (0, 32, 0.0)
 
 
 def test_at_init_predictions_equal_path0(evolved):

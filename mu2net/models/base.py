@@ -16,8 +16,8 @@ from __future__ import annotations
 import abc
 import difflib
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,21 @@ from mu2net.errors import Mu2netError
 
 Params = Any  # a pytree of arrays (nested dicts, flax style)
 ParamsByComponent = Mapping[str, Params]
+
+
+class PrefixPart(NamedTuple):
+    """One independent part of a frozen prefix (see :meth:`Family.prefix_parts`).
+
+    Attributes:
+      key: what the part computes, apart from its params (family, hparams, input handling).
+      select: the full params -> the part's own params, named independently of where the part
+        sits (so the same part in two places has the same params).
+      apply: (own params, inputs) -> the part's output (a compiled function).
+    """
+
+    key: str
+    select: Callable[[ParamsByComponent], dict[str, Params]]
+    apply: Callable[[dict[str, Params], jax.Array], jax.Array]
 
 
 class FamilyError(Mu2netError, ValueError):
@@ -233,6 +248,16 @@ class Family(abc.ABC):
     ) -> jax.Array:
         """Applies stages ``start..stop-1`` (see :meth:`stages`) to ``inputs``."""
         raise FamilyError(f"family {self.name!r} does not support staged application")
+
+    def prefix_parts(self, hparams: Mapping[str, Any], stop: int) -> list[PrefixPart] | None:
+        """Stages ``0..stop-1`` as independent parts, or None when they are one piece.
+
+        The parts' outputs, concatenated on the last axis, are ``apply_stages(..., 0, stop)``.
+        A frozen-prefix cache keeps each part's activations on its own, so a part shared by
+        two prefixes (a sub-path of two composite paths) runs once per example.
+        """
+        del hparams, stop
+        return None
 
     def architecture_key(self, hparams: Mapping[str, Any]) -> tuple:
         """Hashable key of everything that changes shapes or the graph (for compile caches)."""

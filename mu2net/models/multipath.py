@@ -48,6 +48,7 @@ from mu2net.models.base import (
     FamilyError,
     Params,
     ParamsByComponent,
+    PrefixPart,
     family_names,
     get_family,
     register_family,
@@ -222,6 +223,38 @@ def subpath_features(
     return jnp.concatenate(outs, axis=-1)
 
 
+@functools.lru_cache(maxsize=128)
+def _compiled_output(function_key: str, f0: Family):
+    d = json.loads(function_key)
+    # Only what the function depends on: equal architectures share one executable.
+    sub = SubPath(d["slot"], "", "", d["family"], d["hparams"], "")
+    return jax.jit(lambda p, x: jnp.asarray(subpath_output(sub, p, x, f0), jnp.float32))
+
+
+def subpath_parts(subpaths: Sequence[SubPath], f0: Family) -> list[PrefixPart]:
+    """The frozen stage as one independent part per sub-path (see ``Family.prefix_parts``)."""
+    parts = []
+    for sub in subpaths:
+        names = [f"{sub.slot}/{n}" for n in subpath_names(sub)]
+        cut = len(sub.slot) + 1
+        slot = MAIN_SLOT if sub.main else slot_name(1)
+        key = json.dumps(
+            {"slot": slot, "family": sub.family, "hparams": dict(sub.hparams)}, sort_keys=True
+        )
+        parts.append(
+            PrefixPart(
+                f"{key}|{f0.name}",
+                functools.partial(_own_params, names=tuple(names), cut=cut),
+                _compiled_output(key, f0),
+            )
+        )
+    return parts
+
+
+def _own_params(params: ParamsByComponent, names: tuple[str, ...], cut: int) -> dict:
+    return {n[cut:]: params[n] for n in names}
+
+
 def _representation_width(sub: SubPath) -> int:
     family = get_family(sub.family)
     names = headless_names(family, sub.hparams)
@@ -372,6 +405,10 @@ class MultipathFamily(Family):
     def apply(self, params, inputs, hparams):
         """Logits ``[B, num_classes]`` of the composite model."""
         return self.apply_stages(params, inputs, hparams, 0, None)
+
+    def prefix_parts(self, hparams: Mapping[str, Any], stop: int) -> list[PrefixPart] | None:
+        """The frozen stage (``stop`` = 1) as one part per sub-path."""
+        return subpath_parts(decode_subpaths(hparams), self.base) if stop == 1 else None
 
     def apply_stages(self, params, inputs, hparams, start, stop=None):
         """Stage 0: inputs -> concatenated sub-path outputs; stage 1: -> logits."""
